@@ -1,0 +1,54 @@
+"""Where the Hydra configs live, and how `recipe=<name>` finds the files in the top-level `recipes/` folder.
+
+Config groups (model, task, objective, lora, sampler, trainer, logger, eval) are folders under `configs/`.
+Recipes are `# @package _global_` files in `recipes/`; they are registered as the Hydra group `recipe`, so
+`python -m dgtune.train recipe=sudoku` works from any directory, from a source checkout or an installed wheel
+(which carries both folders inside the package as `dgtune/configs` and `dgtune/recipes`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _find(name: str) -> Path:
+    for cand in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"dgtune cannot find its {name}/ folder next to {PACKAGE_DIR}")
+
+
+def config_dir() -> Path:
+    """The folder with `config.yaml` and the config groups."""
+    return _find("configs")
+
+
+def recipes_dir() -> Path:
+    """The folder with the recipes."""
+    return _find("recipes")
+
+
+def register_recipes() -> list[str]:
+    """Register every `recipes/*.yaml` as option `recipe=<stem>` (package _global_) in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    names = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        node = OmegaConf.load(path)
+        cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """Compose the config as the CLI would (for tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_recipes()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)

@@ -1,0 +1,1 @@
+"""Denoising objectives: corruption, losses and the model calls they need."""

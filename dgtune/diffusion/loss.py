@@ -1,0 +1,77 @@
+"""One training loss evaluation: corrupt the canvas, self-condition, denoise, and add the encoder's AR co-loss."""
+
+from __future__ import annotations
+
+import torch
+
+from dgtune.diffusion.model_calls import decode, encode, encoder_logits
+from dgtune.diffusion.objective import (
+    ObjectiveConfig,
+    ar_co_loss,
+    corrupt_masked,
+    corrupt_uniform,
+    flat_canvas_loss,
+    masked_canvas_loss,
+    sample_noise_level,
+)
+
+
+def denoising_loss(
+    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None
+) -> dict[str, torch.Tensor]:
+    """Loss of one batch. Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b].
+
+    batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
+    canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    clean, prompt_len = batch["canvas"], batch["prompt_len"]
+    keep = batch.get("canvas_keep")
+    b, s = input_ids.shape
+    l = clean.shape[1]
+    device = input_ids.device
+
+    t = sample_noise_level(b, cfg.eps, generator, device)  # [b]
+    if cfg.kind == "uniform":
+        noisy, corrupted = corrupt_uniform(clean, t, vocab_size, generator, keep)
+    elif cfg.kind == "masked":
+        if mask_token_id is None:
+            raise ValueError("objective.kind=masked needs a tokenizer with a mask token")
+        noisy, corrupted = corrupt_masked(clean, t, mask_token_id, generator, keep)
+    else:
+        raise ValueError(f"unknown objective.kind={cfg.kind!r} (expected 'uniform' or 'masked')")
+    sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
+
+    # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
+    # of the cache, and its canvas positions continue right after the prompt.
+    cache, enc_hidden = encode(model, input_ids, attention_mask)
+    offsets = torch.arange(l, device=device)
+    cache_mask = (torch.arange(s, device=device)[None, :] < prompt_len[:, None]).long()  # [b, s]
+    dec_mask = torch.cat([cache_mask, torch.ones(b, l, dtype=torch.long, device=device)], dim=1)  # [b, s + l]
+    dec_pos = prompt_len[:, None] + offsets[None, :]  # [b, l]
+
+    sc_logits = None
+    if cfg.self_cond_p > 0 and bool(sc_gate.any()):
+        with torch.no_grad():
+            sc_logits = decode(model, noisy, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
+    logits = decode(
+        model,
+        noisy,
+        cache,
+        self_conditioning_logits=sc_logits,
+        self_conditioning_mask=sc_gate if sc_logits is not None else None,
+        decoder_attention_mask=dec_mask,
+        decoder_position_ids=dec_pos,
+    )  # [b, l, v]
+
+    weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
+    if cfg.kind == "uniform":
+        diff = flat_canvas_loss(logits, clean, weight)
+    else:
+        diff = masked_canvas_loss(logits, clean, corrupted, t, weight)
+    ar = ar_co_loss(encoder_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
+    loss = diff if ar is None else diff + cfg.ar_weight * ar
+    out = {"loss": loss, "diffusion_loss": diff.detach()}
+    if ar is not None:
+        out["ar_loss"] = ar.detach()
+    return out

@@ -1,0 +1,105 @@
+"""DiffusionGemma's block-diffusion SFT objective (and its masked-diffusion sibling) as pure functions.
+
+One training example = a clean prompt (never corrupted, never in the diffusion loss) and one canvas of
+`canvas_length` response tokens, EOS-filled past the end of the response. The canvas is corrupted with
+per-example noise level t ~ U(eps, 1 - eps):
+
+- "uniform" (released DiffusionGemma recipe): each position is replaced by a uniformly random token with
+  probability t; flat mean cross-entropy over the whole canvas.
+- "masked" (LLaDA/MDLM-style): each position is replaced by [MASK] with probability t; cross-entropy on the
+  masked positions only, weighted by 1/t, averaged over canvas positions.
+
+Self-conditioning: with probability `self_cond_p` per example the decoder is conditioned on the logits of a
+first, no-grad pass. The encoder (which reads the whole clean sequence) adds an autoregressive co-loss.
+All randomness comes from an explicit `torch.Generator`, drawn in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ObjectiveConfig:
+    """Knobs of the denoising objective (mirrors `configs/objective/*.yaml`)."""
+
+    kind: str = "uniform"  # "uniform" | "masked"
+    eps: float = 1e-4
+    self_cond_p: float = 0.5
+    ar_weight: float = 1.0
+
+
+def sample_noise_level(batch_size: int, eps: float, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """Per-example noise level t ~ U(eps, 1 - eps).  # [b]"""
+    u = torch.rand(batch_size, generator=generator, device=device)
+    return eps + (1.0 - 2.0 * eps) * u
+
+
+def corrupt_uniform(
+    clean: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each position by a uniform random token with probability t (per row).
+
+    clean: [b, l] token ids; t: [b]; keep: optional [b, l] bool of positions never corrupted (templates).
+    Returns (noisy [b, l], corrupted [b, l] bool).
+    """
+    b, l = clean.shape
+    corrupted = torch.rand(b, l, generator=generator, device=clean.device) < t[:, None]  # [b, l]
+    random_tokens = torch.randint(0, vocab_size, (b, l), generator=generator, device=clean.device)  # [b, l]
+    if keep is not None:
+        corrupted = corrupted & ~keep
+    return torch.where(corrupted, random_tokens, clean), corrupted
+
+
+def corrupt_masked(
+    clean: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Generator, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each position by `mask_id` with probability t (per row). Same shapes as `corrupt_uniform`."""
+    b, l = clean.shape
+    corrupted = torch.rand(b, l, generator=generator, device=clean.device) < t[:, None]  # [b, l]
+    if keep is not None:
+        corrupted = corrupted & ~keep
+    return torch.where(corrupted, torch.full_like(clean, mask_id), clean), corrupted
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's final-logit soft-capping, in float32."""
+    logits = logits.float()
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def flat_canvas_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over every canvas position. logits [b, l, v], target [b, l], weight [b, l] (0 = ignore)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
+    if weight is None:
+        return ce.mean()
+    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def masked_canvas_loss(
+    logits: torch.Tensor, target: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """MDLM loss: CE on masked positions weighted 1/t, averaged over (weighted) canvas positions."""
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
+    w = corrupted.float() / t[:, None]
+    if weight is not None:
+        w = w * weight
+        denom = weight.sum().clamp(min=1.0)
+    else:
+        denom = torch.tensor(float(target.numel()), device=target.device)
+    return (ce * w).sum() / denom
+
+
+def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of the causal encoder over all valid (token, next token) pairs.
+
+    encoder_logits [b, s, v], input_ids [b, s], attention_mask [b, s].
+    """
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [b, s-1]
+    targets = torch.where(valid, input_ids[:, 1:], -100)
+    return F.cross_entropy(encoder_logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,1 @@
+"""Evaluation: sampling over step counts, grading, aggregation and reports."""

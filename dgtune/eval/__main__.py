@@ -1,0 +1,133 @@
+"""`python -m dgtune.eval RUN_DIR [key=value ...]`: accuracy against denoising steps, base vs tuned.
+
+Loads the run's config (`RUN_DIR/config.yaml`), applies the overrides (e.g. `task.test_file=PATH`,
+`eval.steps=[1,4,12]`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
+test rows at every step count with the shared sampler, and writes `report.json`, `report.md` and
+`accuracy_vs_steps.png` into RUN_DIR (or `eval.out_dir`).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from dgtune.eval.report import aggregate, format_table, write_report
+from dgtune.eval.runner import evaluate
+from dgtune.sampling.sampler import SamplerConfig
+
+
+def sampler_config(cfg: DictConfig) -> SamplerConfig:
+    """SamplerConfig from `cfg.sampler` (the `name` key is a label, not a setting)."""
+    d = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "name"}
+    return SamplerConfig(**d)
+
+
+def test_rows(task, splits, cfg) -> list[dict]:
+    """`task.test_file` if set (CSV, graded by the task's rules), else the generated test split."""
+    if cfg.task.get("test_file"):
+        return task.load_test_file(cfg.task.test_file)
+    return splits["test"]
+
+
+def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=None, base_model=None) -> str:
+    """Evaluate tuned (and base) over `eval.steps`, write the report files, print the table; returns report.json."""
+    rows = test_rows(task, splits, cfg)
+    if cfg.eval.get("max_rows"):
+        rows = rows[: cfg.eval.max_rows]
+    scfg = sampler_config(cfg)
+    name = cfg.sampler.get("name", scfg.strategy)
+    steps = list(cfg.eval.steps)
+    records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name)
+    if cfg.eval.compare_base:
+        if base_model is not None:
+            ctx, base = nullcontext(), base_model
+        elif hasattr(model, "disable_adapter"):
+            ctx, base = model.disable_adapter(), model
+        else:
+            from dgtune.models.load import load_model
+
+            base, _ = load_model(cfg.model)
+            base.config.canvas_length = task.canvas_length
+            ctx = nullcontext()
+        with ctx:
+            r2, t2 = evaluate(base, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "base", name)
+        records, timings = r2 + records, {**t2, **timings}
+    table_rows = aggregate(records, timings)
+    out_dir = Path(cfg.eval.get("out_dir") or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"task": task.name, "test_rows": len(rows), "test_file": cfg.task.get("test_file"), "sampler": name,
+            "model": cfg.model.get("name_or_path") or cfg.model.source, **(meta or {})}
+    paths = write_report(out_dir, table_rows, meta)
+    print(format_table(table_rows))
+    print(f"[dgtune] report: {paths['md']}")
+    if tracker is not None:
+        tracker.log_report(paths, table_rows)
+    return str(paths["json"])
+
+
+def load_run(run_dir: Path, cfg: DictConfig):
+    """(tuned model, tokenizer, base model or None) for a finished run: base + adapter unmerged, or a full model."""
+    from dgtune.models.load import load_model
+
+    final = run_dir / "final"
+    if (final / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(cfg.model)
+        return PeftModel.from_pretrained(base, str(final)), tokenizer, None
+    if (final / "model.safetensors").exists():
+        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+        tuned = DiffusionGemmaForBlockDiffusion.from_pretrained(str(final), use_safetensors=True)
+        base = None
+        if cfg.model.source != "scratch":
+            base, _ = load_model(cfg.model)
+        return tuned, AutoTokenizer.from_pretrained(str(final)), base
+    raise FileNotFoundError(f"{final} holds no adapter (adapter_config.json) or model (model.safetensors): "
+                            "did training finish? A killed run can be resumed with resume=true.")
+
+
+def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply `key=value` overrides; an unknown key is an error that names it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].lstrip("+")
+        if not item.startswith("+") and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise KeyError(f"unknown config key {key!r} (use +{key}=... to add a new key)")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+
+
+def main(argv: list[str] | None = None) -> str:
+    """CLI entry point."""
+    import torch
+
+    from dgtune.data import build_splits
+    from dgtune.tasks import build_task
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return ""
+    run_dir = Path(argv[0])
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a dgtune run folder (no config.yaml)")
+    cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[1:])
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg.task)
+    tuned, tokenizer, base = load_run(run_dir, cfg)
+    for m in (tuned, base):
+        if m is not None:
+            m.config.canvas_length = task.canvas_length
+    splits = None
+    if not cfg.task.get("test_file"):
+        sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
+        splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+    return run_report(tuned, tokenizer, task, splits, cfg, run_dir, None, base_model=base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Aggregate per-item eval records into accuracy-vs-steps tables, plots and report files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BUCKET_ORDER = ("all", "easy", "medium", "hard")
+_MEAN_KEYS = ("exact", "cell_acc", "parse_fail")
+
+
+def _bucket_rank(bucket: str) -> tuple[int, str]:
+    return (BUCKET_ORDER.index(bucket), "") if bucket in BUCKET_ORDER else (len(BUCKET_ORDER), str(bucket))
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) interval of the mean of `values`; (nan, nan) when empty."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def aggregate(records: list[dict], timings: dict[tuple[str, str, int], dict]) -> list[dict]:
+    """One row per (model, sampler, bucket, steps), bucket "all" plus each bucket present; sorted, with plateau."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        key = (r["model"], r["sampler"], int(r["steps"]))
+        groups[(*key, "all")].append(r)
+        if r.get("bucket") is not None:
+            groups[(*key, r["bucket"])].append(r)
+    rows = []
+    for (model, sampler, steps, bucket), recs in groups.items():
+        solved = [float(r["solved"]) for r in recs]
+        lo, hi = bootstrap_ci(solved)
+        t = timings.get((model, sampler, steps)) or {}
+        seconds = float(t.get("seconds") or 0.0)
+        tps = float(t.get("tokens", 0)) / seconds if seconds > 0 else 0.0
+        row = {"model": model, "sampler": sampler, "bucket": bucket, "steps": steps, "n": len(recs),
+               "solved": _mean(solved), "solved_lo": lo, "solved_hi": hi}
+        for k in _MEAN_KEYS:
+            row[k] = _mean([float(r.get(k, math.nan)) for r in recs])
+        row["mean_nfe"] = _mean([float(r.get("nfe", math.nan)) for r in recs])
+        row["tokens_per_s"] = tps
+        rows.append(row)
+    rows.sort(key=lambda r: (str(r["model"]), str(r["sampler"]), _bucket_rank(r["bucket"]), r["steps"]))
+    return add_steps_to_plateau(rows)
+
+
+def add_steps_to_plateau(rows: list[dict]) -> list[dict]:
+    """Set `steps_to_plateau` per (model, sampler, bucket): fewest steps with solved >= 0.95 * max (None if max is 0)."""
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        series[(r["model"], r["sampler"], r["bucket"])].append(r)
+    for rs in series.values():
+        vals = [r["solved"] for r in rs if r["solved"] is not None and not math.isnan(r["solved"])]
+        best = max(vals, default=0.0)
+        plateau = None
+        if best > 0:
+            plateau = min(r["steps"] for r in rs
+                          if r["solved"] is not None and not math.isnan(r["solved"]) and r["solved"] >= 0.95 * best)
+        for r in rs:
+            r["steps_to_plateau"] = plateau
+    return rows
+
+
+def _fmt(x, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def format_table(rows: list[dict], bucket: str | None = None) -> str:
+    """Markdown table of `rows` (only those of `bucket` when given)."""
+    header = ["model", "sampler", "bucket", "steps", "n", "solved [lo, hi]", "exact", "cell_acc",
+              "parse_fail", "mean_nfe", "tokens/s", "steps_to_plateau"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        if bucket is not None and r["bucket"] != bucket:
+            continue
+        solved = f"{_fmt(r['solved'])} [{_fmt(r['solved_lo'], 2)}, {_fmt(r['solved_hi'], 2)}]"
+        plateau = r.get("steps_to_plateau")
+        cells = [r["model"], r["sampler"], r["bucket"], r["steps"], r["n"], solved, _fmt(r["exact"]),
+                 _fmt(r["cell_acc"]), _fmt(r["parse_fail"]), _fmt(r["mean_nfe"], 1), _fmt(r["tokens_per_s"], 1),
+                 "-" if plateau is None else plateau]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _buckets(rows: list[dict]) -> list[str]:
+    return sorted({r["bucket"] for r in rows}, key=_bucket_rank)
+
+
+def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
+    """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket; save PNG to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = _buckets(rows) or ["all"]
+    fig, axes = plt.subplots(1, len(buckets), figsize=(5 * len(buckets), 4), squeeze=False)
+    series_keys = sorted({(r["model"], r["sampler"]) for r in rows})
+    colors = {k: f"C{i % 10}" for i, k in enumerate(series_keys)}
+    all_steps = sorted({r["steps"] for r in rows})
+    for ax, bucket in zip(axes[0], buckets):
+        for key in series_keys:
+            rs = sorted((r for r in rows if r["bucket"] == bucket and (r["model"], r["sampler"]) == key),
+                        key=lambda r: r["steps"])
+            if not rs:
+                continue
+            xs = [r["steps"] for r in rs]
+            nan = lambda v: math.nan if v is None else v  # noqa: E731
+            label = f"{key[0]} / {key[1]}"
+            ax.plot(xs, [nan(r["solved"]) for r in rs], "-o", color=colors[key], label=f"{label} solved")
+            ax.fill_between(xs, [nan(r["solved_lo"]) for r in rs], [nan(r["solved_hi"]) for r in rs],
+                            color=colors[key], alpha=0.2)
+            ax.plot(xs, [nan(r["cell_acc"]) for r in rs], "--", color=colors[key], label=f"{label} cell_acc")
+        if all_steps and min(all_steps) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(all_steps)
+        ax.set_xticklabels([str(s) for s in all_steps])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("denoising steps")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"bucket: {bucket}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Accuracy vs denoising steps")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _clean(obj):
+    """Recursively replace NaN/inf with None and numpy scalars with Python ones, for strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(run_dir, rows: list[dict], meta: dict) -> dict[str, Path]:
+    """Write report.json, report.md and accuracy_vs_steps.png atomically into `run_dir`; return their paths."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "accuracy_vs_steps.png"}
+
+    text = json.dumps(_clean({"meta": meta, "rows": rows}), indent=2, allow_nan=False, default=str)
+    _atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
+
+    md = ["# dgtune report: accuracy vs denoising steps", ""]
+    md += [f"- **{k}**: {v}" for k, v in meta.items()]
+    for bucket in _buckets(rows):
+        md += ["", f"## Bucket: {bucket}", "", format_table(rows, bucket)]
+    md += ["", f"![accuracy vs steps]({paths['png'].name})", ""]
+    _atomic_write(paths["md"], lambda f: f.write("\n".join(md).encode()))
+
+    _atomic_write(paths["png"], lambda f: plot_accuracy_vs_steps(rows, f))
+    return paths

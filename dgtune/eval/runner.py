@@ -1,0 +1,53 @@
+"""Run the sampler over task rows for a sweep of step counts and grade every output."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from dgtune.data import prompt_ids
+from dgtune.sampling.sampler import SamplerConfig, sample
+
+
+def group_by_prompt_length(tokenizer, rows: list[dict]) -> list[tuple[list[int], torch.Tensor]]:
+    """[(row indices, prompt ids [n, p])] with equal-length prompts in each group (no padding needed)."""
+    groups = defaultdict(list)
+    for i, row in enumerate(rows):
+        ids = prompt_ids(tokenizer, row["prompt"])
+        groups[len(ids)].append((i, ids))
+    return [([i for i, _ in g], torch.tensor([ids for _, ids in g])) for _, g in sorted(groups.items())]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
+             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None):
+    """Sample and grade every row at every step count.
+
+    Returns (records, timings): one record per (steps, row) with the grade, bucket and NFE; timings map
+    (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
+    """
+    model.eval()
+    device = device or next(model.parameters()).device
+    groups = group_by_prompt_length(tokenizer, rows)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    records, timings = [], {}
+    for steps in steps_list:
+        cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
+        n_tokens, seconds = 0, 0.0
+        for gi, (idx, prompts) in enumerate(groups):
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                g = torch.Generator(device=device).manual_seed(seed + 1_000 * gi + start)
+                t0 = time.perf_counter()
+                res = sample(model, prompts[start : start + batch_size].to(device), cfg, g, eos, pad, task.canvas_length)
+                seconds += time.perf_counter() - t0
+                n_tokens += int((res.tokens != pad).sum())
+                texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)
+                for j, (i, text) in enumerate(zip(chunk, texts)):
+                    grade = task.grade(rows[i], text)
+                    records.append({"model": model_name, "sampler": sampler_name, "steps": int(steps),
+                                    "bucket": rows[i].get("bucket") or None, "nfe": float(res.nfe[j]), **grade})
+        timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
+    return records, timings

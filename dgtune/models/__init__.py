@@ -1,0 +1,1 @@
+"""Model building (the tiny bundled DiffusionGemma) and loading (bundled, local folder, or the Hub)."""

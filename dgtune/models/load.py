@@ -1,0 +1,76 @@
+"""Load a DiffusionGemma (bundled tiny base, a local folder, a Hub id, or a fresh tiny one) and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested weights are neither local nor reachable."""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((endpoint, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a local folder or a Hub id that is cached or reachable; otherwise fail at once with a clear error."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/")):
+        raise ModelNotAvailableError(f"model path {name_or_path!r} is not a folder with config.json and weights")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path  # in the local Hub cache
+    if not _hub_reachable():
+        raise ModelNotAvailableError(
+            f"cannot load {name_or_path!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
+            "(offline, or HF_HUB_OFFLINE=1). Download it where the Hub is reachable "
+            f"(`huggingface-cli download {name_or_path}`) and copy the cache, or pass model.name_or_path=/local/folder."
+        )
+    return name_or_path
+
+
+def load_model(cfg) -> tuple[torch.nn.Module, object]:
+    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer)."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    if cfg.source == "scratch":
+        from dgtune.models.tiny import build_tiny_model
+
+        return build_tiny_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+    if cfg.source == "bundled":
+        path = str(BUNDLED_DIR)
+        if not (BUNDLED_DIR / "model.safetensors").exists():
+            raise ModelNotAvailableError(
+                f"the bundled tiny base is missing at {BUNDLED_DIR}; build it with `python -m dgtune.train recipe=tiny_base`"
+            )
+    elif cfg.source == "pretrained":
+        path = resolve_model_path(cfg.name_or_path)
+    else:
+        raise ValueError(f"model.source must be 'bundled', 'pretrained' or 'scratch', got {cfg.source!r}")
+    trust = bool(cfg.get("trust_remote_code", False))
+    kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}
+    if cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.get("device_map"):
+        kwargs["device_map"] = cfg.device_map
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    return model, tokenizer

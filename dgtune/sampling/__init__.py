@@ -1,0 +1,1 @@
+"""DiffusionGemma's sampler (entropy-bound acceptance, renoising, adaptive stopping), batched."""

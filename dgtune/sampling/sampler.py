@@ -1,0 +1,146 @@
+"""The diffusion sampler shared by training-time eval, `dgtune.eval` and `dgtune.sample`.
+
+Per canvas: start from uniform random tokens; each step runs the decoder on the canvas with the cached prompt KV
+and the previous step's (temperature-scaled) logits for self-conditioning; the temperature falls linearly from
+`t_max` (first step) towards `t_min`; tokens are sampled, the lowest-entropy positions are accepted while the sum of
+their entropies minus the largest stays <= `entropy_bound`, the rest are renoised; a row stops when its argmax
+canvas is unchanged for `stability_threshold` steps and its mean entropy is < `confidence_threshold`, or at
+`max_steps`. The output is the argmax canvas. Canvases continue until EOS (up to `max_canvases`).
+
+With the same seed, the random draws (canvas init, multinomial, renoise) happen in the same order and shapes as
+`DiffusionGemmaForBlockDiffusion.generate()`, so both produce the same tokens (tests/test_sampler.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dgtune.diffusion.model_calls import decode, encode
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler settings (mirrors `configs/sampler/*.yaml`)."""
+
+    strategy: str = "entropy_bound"
+    max_steps: int = 48
+    t_max: float = 0.8
+    t_min: float = 0.4
+    entropy_bound: float = 0.1
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_canvases: int = 1
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [b, n_canvases * l], pad after the first EOS
+    nfe: torch.Tensor  # [b] decoder forward passes per sequence
+
+
+def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule; `cur_step` counts the steps remaining (max_steps .. 1). Computed in float32 exactly as
+    transformers does, so that logits / temperature match bit for bit."""
+    return t_min + ((t_max - t_min) * (torch.tensor(cur_step, dtype=torch.int32) / max_steps))
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position. [b, l, v] -> [b, l]"""
+    logp = logits - logits.logsumexp(-1, keepdim=True)  # same ops as torch.distributions.Categorical.entropy
+    probs = torch.softmax(logp, dim=-1)
+    return -(logp.clamp(min=torch.finfo(logp.dtype).min) * probs).sum(-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the lowest-entropy positions while sum(entropies) - max(entropy) <= bound. [b, l] -> bool [b, l]"""
+    sorted_h, order = torch.sort(entropy, dim=-1)
+    keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def denoise_step(
+    raw_logits: torch.Tensor,
+    canvas: torch.Tensor,
+    cur_step: int,
+    cfg: SamplerConfig,
+    vocab_size: int,
+    generator: torch.Generator,
+):
+    """One sampler step on logits [b, l, v] of canvas [b, l].
+
+    Returns (next canvas [b, l], argmax canvas [b, l], processed logits [b, l, v], entropy [b, l]).
+    Random draws: one multinomial sample per position, then one renoise token per position.
+    """
+    b, l = canvas.shape
+    logits = raw_logits / temperature(cur_step, cfg.max_steps, cfg.t_min, cfg.t_max)  # [b, l, v]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs.view(-1, vocab_size), 1, generator=generator).view(b, l)
+    argmax = logits.argmax(-1)
+    entropy = token_entropy(logits)
+    accepted = entropy_bound_accept(entropy, cfg.entropy_bound)
+    noise = torch.randint(0, vocab_size, (b, l), generator=generator, device=canvas.device)
+    next_canvas = torch.where(accepted, sampled, noise)
+    return next_canvas, argmax, logits, entropy
+
+
+@torch.no_grad()
+def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size: int, cfg: SamplerConfig,
+                   generator: torch.Generator, position_offset: int, done: torch.Tensor | None = None):
+    """Run the denoising loop for one canvas; returns (argmax canvas [b, l], nfe [b])."""
+    device = cache.layers[0].keys.device
+    canvas = torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
+    positions = torch.arange(position_offset, position_offset + canvas_length, device=device)[None]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device) if done is None else done.clone()
+    nfe = torch.zeros(batch_size, device=device)
+    history = torch.full((max(cfg.stability_threshold, 1), batch_size, canvas_length), -1, device=device, dtype=torch.long)
+    argmax, sc_logits = canvas, None
+    for cur_step in range(cfg.max_steps, 0, -1):
+        nfe += (~finished).float()
+        raw = decode(model, canvas, cache, self_conditioning_logits=sc_logits, decoder_position_ids=positions)
+        next_canvas, new_argmax, logits, entropy = denoise_step(raw, canvas, cur_step, cfg, vocab_size, generator)
+        if finished.any():  # rows that already stopped keep their state
+            f = finished[:, None]
+            new_argmax = torch.where(f, argmax, new_argmax)
+            next_canvas = torch.where(f, canvas, next_canvas)
+            logits = torch.where(f[..., None], sc_logits, logits)
+            entropy = token_entropy(logits)
+        if cfg.stability_threshold == 0:
+            stable = torch.ones(batch_size, dtype=torch.bool, device=device)
+        else:
+            stable = (history == new_argmax[None]).all(-1).all(0)
+            history = torch.roll(history, -1, 0)
+            history[-1] = new_argmax
+        finished |= stable & (entropy.mean(-1) < cfg.confidence_threshold)
+        canvas, argmax, sc_logits = next_canvas, new_argmax, logits
+        if finished.all():
+            break
+    return argmax, nfe
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator, eos_id: int, pad_id: int,
+           canvas_length: int | None = None) -> SampleResult:
+    """Sample responses for equal-length prompts [b, p] (group prompts by length before calling)."""
+    core_cfg = getattr(model, "config", None)
+    canvas_length = canvas_length or core_cfg.canvas_length
+    vocab_size = core_cfg.text_config.vocab_size
+    b, p = prompt_ids.shape
+    cache, _ = encode(model, prompt_ids)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    outputs, nfe, cur_len = [], torch.zeros(b, device=prompt_ids.device), p
+    for k in range(cfg.max_canvases):
+        argmax, n = denoise_canvas(model, cache, b, canvas_length, vocab_size, cfg, generator, cur_len, done)
+        nfe += n
+        argmax = torch.where(done[:, None], torch.full_like(argmax, pad_id), argmax)
+        outputs.append(argmax)
+        done = done | (argmax == eos_id).any(-1)
+        if done.all() or k + 1 == cfg.max_canvases:
+            break
+        positions = torch.arange(cur_len, cur_len + canvas_length, device=prompt_ids.device)[None]
+        cache, _ = encode(model, argmax, cache=cache, position_ids=positions)
+        cur_len += canvas_length
+    tokens = torch.cat(outputs, dim=1)
+    after_eos = (torch.cumsum((tokens == eos_id).long(), -1) - (tokens == eos_id).long()) > 0
+    return SampleResult(tokens=torch.where(after_eos, torch.full_like(tokens, pad_id), tokens), nfe=nfe)

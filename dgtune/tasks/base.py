@@ -1,0 +1,60 @@
+"""The one small Task interface, and a mixture of tasks.
+
+A task produces rows (plain dicts) with at least `task`, `prompt` (user message), `response` (reference answer)
+and `bucket` ("" when the task has no difficulty buckets), and grades an output text against a row:
+`{"solved", "exact", "cell_acc", "parse_fail"}` as floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens")
+
+
+def make_row(task: str, prompt: str, response: str, bucket: str = "", puzzle: str = "", solution: str = "", givens: int = 0):
+    """A row with every key of the shared schema (so rows of different tasks fit one `datasets` table)."""
+    return {"task": task, "prompt": prompt, "response": response, "bucket": bucket or "", "puzzle": puzzle,
+            "solution": solution, "givens": int(givens)}
+
+
+class Task(Protocol):
+    """What dgtune needs from a task."""
+
+    name: str
+    canvas_length: int  # response tokens + EOS fill the model denoises at once
+
+    def build_split(self, split: str, n: int, seed: int) -> list[dict]:
+        """`n` rows for `split` ("train", "val", "test"), reproducible for `seed`."""
+
+    def grade(self, row: dict, output: str) -> dict[str, float]:
+        """Score one output text against its row."""
+
+
+class Mixture:
+    """Rows drawn from several tasks with fixed weights; grading dispatches on `row["task"]`."""
+
+    def __init__(self, tasks: list, weights: list[float], canvas_length: int, name: str = "mixture"):
+        if len(tasks) != len(weights) or not tasks:
+            raise ValueError("mixture needs one weight per task")
+        self.tasks = {t.name: t for t in tasks}
+        self.weights = dict(zip(self.tasks, weights))
+        self.canvas_length = canvas_length
+        self.name = name
+
+    def build_split(self, split: str, n: int, seed: int) -> list[dict]:
+        """Split `n` rows among the tasks by weight (largest remainder) and shuffle them together."""
+        total = sum(self.weights.values())
+        counts = {k: int(n * w / total) for k, w in self.weights.items()}
+        for k in sorted(self.weights, key=lambda k: -(n * self.weights[k] / total - counts[k]))[: n - sum(counts.values())]:
+            counts[k] += 1
+        rows = []
+        for i, (name, task) in enumerate(self.tasks.items()):
+            rows += task.build_split(split, counts[name], seed * 101 + i)
+        random.Random(seed).shuffle(rows)
+        return rows
+
+    def grade(self, row: dict, output: str) -> dict[str, float]:
+        """Grade with the row's own task."""
+        return self.tasks[row["task"]].grade(row, output)

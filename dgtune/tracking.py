@@ -1,0 +1,53 @@
+"""Metrics go to `metrics.jsonl` in the run folder, and to Weights & Biases with `logger=wandb`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Tracker:
+    """Append-only JSONL metrics plus an optional W&B run (offline when no API key is set)."""
+
+    def __init__(self, run_dir: Path, cfg, run_config: dict, name: str, group: str | None, resume_id: str | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.run_id = resume_id
+        if cfg.kind == "wandb":
+            import wandb
+
+            mode = cfg.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            if mode == "offline" and not cfg.get("mode"):
+                print("[dgtune] W&B: no WANDB_API_KEY set, logging offline to", Path(run_dir) / "wandb",
+                      "(sync later with `wandb sync`)")
+            self.wandb = wandb.init(
+                project=cfg.project, name=name, group=group, config=run_config, dir=str(run_dir), mode=mode,
+                id=resume_id, resume="allow" if resume_id else None,
+            )
+            self.run_id = self.wandb.id
+        elif cfg.kind != "none":
+            raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Write one metrics record."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_report(self, paths: dict, rows: list[dict]) -> None:
+        """Attach the eval report (table + plot) to the W&B run."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        cols = list(rows[0]) if rows else []
+        self.wandb.log({"eval/report": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows]),
+                        "eval/accuracy_vs_steps": wandb.Image(str(paths["png"]))})
+        self.wandb.save(str(paths["json"]), base_path=str(Path(paths["json"]).parent))
+
+    def finish(self) -> None:
+        """Close the W&B run."""
+        if self.wandb is not None:
+            self.wandb.finish()

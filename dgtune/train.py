@@ -1,0 +1,246 @@
+"""`python -m dgtune.train recipe=sudoku`: supervised fine-tuning of a diffusion LM with its denoising objective.
+
+`train(cfg)` is a plain function (tests call it); `main` is the thin Hydra wrapper. One training step, top to
+bottom: draw a batch (a pure function of seed and step, so resumes are exact), compute the denoising loss
+(`dgtune.diffusion.loss`), backward with gradient accumulation, clip, AdamW step, warmup + cosine schedule;
+every `eval_every` steps a quick eval with the real sampler, every `ckpt_every` steps an atomic checkpoint.
+At the end: the final adapter/model in `<run_dir>/final`, and the full eval report (`dgtune.eval`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dgtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from dgtune.data import batch_indices, build_splits, collate_train, encode_rows
+from dgtune.diffusion.loss import denoising_loss
+from dgtune.diffusion.model_calls import unwrap
+from dgtune.diffusion.objective import ObjectiveConfig
+from dgtune.models.load import load_model
+from dgtune.tasks import build_task
+from dgtune.tracking import Tracker
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """`cfg.run_dir`, or `<runs_root>/<run_name>-<time>`; with `resume=true` and no run_dir, the newest run of
+    that name that has a checkpoint."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    root = Path(cfg.runs_root)
+    if cfg.resume:
+        found = sorted(root.glob(f"{cfg.run_name}-*"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in found if latest_checkpoint(p) is not None]
+        if not found:
+            raise FileNotFoundError(f"resume=true but no run named {cfg.run_name}-* with a checkpoint under {root}/")
+        return found[-1]
+    suffix = time.strftime("%Y%m%d-%H%M%S")
+    job = _hydra_job_num()
+    return root / (f"{cfg.run_name}-{suffix}" + (f"-j{job}" if job is not None else ""))
+
+
+def _hydra_job_num():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return hc.job.num if hc.mode.name == "MULTIRUN" else None
+    except Exception:
+        return None
+
+
+def _sweep_group(cfg: DictConfig) -> str | None:
+    if cfg.logger.get("group"):
+        return cfg.logger.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN":
+            return f"{cfg.run_name}-{Path(hc.sweep.dir).name}"
+    except Exception:
+        pass
+    return None
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def apply_lora(model, cfg: DictConfig):
+    """Wrap the model with LoRA adapters (peft) on the configured targets; the router and base stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        target_parameters=list(cfg.target_parameters) or None,
+    )
+    return get_peft_model(model, lcfg)
+
+
+def mixed_precision(cfg: DictConfig) -> str:
+    """`trainer.mixed_precision`: 'auto' picks bf16 on GPUs and on CPUs with bf16 support, else 'no'."""
+    mp = cfg.trainer.mixed_precision
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "no"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train as configured; returns a summary dict (run_dir, steps, final loss, eval report path)."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=cfg.trainer.device == "cpu")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Model, task and data
+    model, tokenizer = load_model(cfg.model)
+    task = build_task(cfg.task)
+    model.config.canvas_length = task.canvas_length
+    sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
+    splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+    train_items = encode_rows(tokenizer, splits["train"], task.canvas_length)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    tc = cfg.trainer
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
+    vocab_size = unwrap(model).config.text_config.vocab_size
+
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "wandb_id": None}
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint")
+        state.update(load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler))
+        print(f"[dgtune] resumed from {ckpt} at step {state['step']}")
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir.name,
+                      _sweep_group(cfg), state.get("wandb_id"))
+    state["wandb_id"] = tracker.run_id
+    print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={len(train_items)} examples, "
+          f"mixed_precision={accelerator.mixed_precision}")
+
+    # The loop
+    model.train()
+    step, t_start = state["step"], time.perf_counter() - state["elapsed_s"]
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not tc.progress_bar)
+    window_tokens, window_t0, loss = 0, time.perf_counter(), None
+    deadline = t_start + 60 * tc.max_minutes if tc.max_minutes else None
+    while step < tc.max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        logs = {}
+        for micro in range(tc.grad_accum):
+            micro_step = step * tc.grad_accum + micro
+            idx = batch_indices(len(train_items), tc.batch_size, micro_step * accelerator.num_processes
+                                + accelerator.process_index, cfg.seed)
+            batch = {k: v.to(accelerator.device) for k, v in collate_train([train_items[i] for i in idx], tokenizer.pad_token_id).items()}
+            gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + micro_step * 97 + accelerator.process_index)
+            with accelerator.autocast():
+                out = denoising_loss(model, batch, obj, gen, vocab_size, tokenizer.mask_token_id)
+            accelerator.backward(out["loss"] / tc.grad_accum)
+            for k, v in out.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+            window_tokens += int(batch["attention_mask"].sum()) + batch["canvas"].numel()
+        grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        state["tokens"] += window_tokens
+        loss = logs["loss"]
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            dt = time.perf_counter() - window_t0
+            tps = window_tokens / max(dt, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            tracker.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                         "train/tokens_per_s": tps, "train/elapsed_s": time.perf_counter() - t_start}, step)
+            window_tokens, window_t0 = 0, time.perf_counter()
+        if cfg.eval.quick_every and step % cfg.eval.quick_every == 0 and step < tc.max_steps:
+            tracker.log(quick_eval(accelerator.unwrap_model(model), tokenizer, task, splits["val"], cfg), step)
+            model.train()
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        if step % tc.ckpt_every == 0 or step == tc.max_steps or out_of_time:
+            state["elapsed_s"] = time.perf_counter() - t_start
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+                            dict(state), keep=tc.keep_checkpoints)
+        if out_of_time:
+            print(f"[dgtune] trainer.max_minutes={tc.max_minutes} reached at step {step}")
+            break
+    bar.close()
+    state["elapsed_s"] = time.perf_counter() - t_start
+    final = accelerator.unwrap_model(model)
+    save_weights(final, tokenizer, run_dir / "final")
+    summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}
+    tracker.log({"train/minutes": summary["train_minutes"]}, step)
+    if cfg.eval.at_end:
+        from dgtune.eval.__main__ import run_report
+
+        summary["report"] = run_report(final, tokenizer, task, splits, cfg, run_dir, tracker,
+                                       meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step})
+    tracker.finish()
+    return summary
+
+
+def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:
+    """Solved rate and cell accuracy on the first `eval.quick_n` validation rows at `eval.quick_steps`."""
+    from dgtune.eval.__main__ import sampler_config
+    from dgtune.eval.runner import evaluate
+
+    rows = val_rows[: cfg.eval.quick_n]
+    records, _ = evaluate(model, tokenizer, task, rows, cfg.eval.quick_steps, sampler_config(cfg), cfg.eval.batch_size,
+                          cfg.seed, "tuned")
+    out = {}
+    for s in cfg.eval.quick_steps:
+        rs = [r for r in records if r["steps"] == s]
+        out[f"val/solved@{s}"] = sum(r["solved"] for r in rs) / len(rs)
+        out[f"val/cell_acc@{s}"] = sum(r["cell_acc"] for r in rs) / len(rs)
+    print("[dgtune] quick eval:", " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+    return out
+
+
+def main() -> None:
+    """Hydra entry point (config groups in `configs/`, recipes in `recipes/`)."""
+    import hydra
+
+    from dgtune.config import config_dir, register_recipes
+
+    register_recipes()
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def _run(cfg: DictConfig) -> None:
+        summary = train(cfg)
+        print(f"[dgtune] done: {summary['run_dir']} ({summary['steps']} steps, {summary['train_minutes']:.1f} min)")
+
+    _run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The denoising loss against an independent, plain computation through the model's own forward()."""
+
+import torch
+import torch.nn.functional as F
+
+from dgtune.data import collate_train, encode_rows
+from dgtune.diffusion.loss import denoising_loss
+from dgtune.diffusion.objective import ObjectiveConfig, corrupt_masked, corrupt_uniform, sample_noise_level
+
+
+def _batch(tok, canvas_length):
+    rows = [{"task": "t", "prompt": "sort:3141", "response": "1134"}, {"task": "t", "prompt": "rev:12345", "response": "54321"},
+            {"task": "t", "prompt": "add:7+8", "response": "15"}]
+    return collate_train(encode_rows(tok, rows, canvas_length), tok.pad_token_id)
+
+
+def _reference_loss(model, batch, seed, vocab, p_sc=0.5, eps=1e-4):
+    """TRL-style: full model.forward() twice, draws replayed from the same generator in the same order."""
+    g = torch.Generator().manual_seed(seed)
+    ids, am, plen, clean = batch["input_ids"], batch["attention_mask"], batch["prompt_len"], batch["canvas"]
+    b, s = ids.shape
+    l = clean.shape[1]
+    t = eps + (1 - 2 * eps) * torch.rand(b, generator=g)
+    corrupt = torch.rand(b, l, generator=g) < t[:, None]
+    noisy = torch.where(corrupt, torch.randint(0, vocab, (b, l), generator=g), clean)
+    gate = torch.rand(b, generator=g) < p_sc
+    kw = dict(input_ids=ids, attention_mask=am, decoder_input_ids=noisy,
+              decoder_attention_mask=torch.cat([(torch.arange(s)[None] < plen[:, None]).long(), torch.ones(b, l, dtype=torch.long)], 1),
+              decoder_position_ids=plen[:, None] + torch.arange(l)[None])
+    with torch.no_grad():
+        first = model(**kw).logits
+    out = model(**kw, self_conditioning_logits=first, self_conditioning_mask=gate)
+    diff = F.cross_entropy(out.logits.flatten(0, 1), clean.flatten())
+    cap = model.config.text_config.final_logit_softcapping
+    enc = torch.tanh(model.lm_head(out.encoder_last_hidden_state).float() / cap) * cap
+    valid = am[:, :-1].bool() & am[:, 1:].bool()
+    ar = F.cross_entropy(enc[:, :-1].flatten(0, 1), torch.where(valid, ids[:, 1:], -100).flatten(), ignore_index=-100)
+    return diff, ar
+
+
+def test_loss_matches_plain_forward(tiny):
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    vocab = model.config.text_config.vocab_size
+    for seed in (0, 1, 2):
+        ours = denoising_loss(model, batch, ObjectiveConfig(), torch.Generator().manual_seed(seed), vocab, tok.mask_token_id)
+        diff, ar = _reference_loss(model, batch, seed, vocab)
+        torch.testing.assert_close(ours["diffusion_loss"], diff.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours["ar_loss"], ar.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours["loss"].detach(), (diff + ar).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_has_gradients_and_prompt_is_clean(tiny):
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    out = denoising_loss(model, batch, ObjectiveConfig(), torch.Generator().manual_seed(0), model.config.text_config.vocab_size, 3)
+    out["loss"].backward()
+    assert model.model.decoder.self_conditioning.gate_proj.weight.grad is not None
+    model.zero_grad()
+
+
+def test_noise_level_range_and_corruption_rate():
+    g = torch.Generator().manual_seed(0)
+    t = sample_noise_level(20000, 1e-4, g)
+    assert float(t.min()) >= 1e-4 and float(t.max()) <= 1 - 1e-4
+    assert abs(float(t.mean()) - 0.5) < 0.01
+    clean = torch.zeros(4, 5000, dtype=torch.long)
+    tt = torch.tensor([0.1, 0.5, 0.9, 0.3])
+    noisy, corrupted = corrupt_uniform(clean, tt, 50, g)
+    rates = corrupted.float().mean(1)
+    assert torch.allclose(rates, tt, atol=0.03)
+    # uniform noise draws any token: 1/50 of corrupted positions keep the clean id by chance
+    assert ((noisy != 0).float().mean(1) < rates).all()
+    keep = torch.zeros(4, 5000, dtype=torch.bool)
+    keep[:, :100] = True
+    noisy, corrupted = corrupt_masked(clean, tt, 3, g, keep)
+    assert not corrupted[:, :100].any() and (noisy[corrupted] == 3).all() and (noisy[~corrupted] == 0).all()

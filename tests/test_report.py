@@ -1,0 +1,94 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dgtune.eval.report import (add_steps_to_plateau, aggregate, bootstrap_ci, format_table,
+                                plot_accuracy_vs_steps, write_report)
+
+
+def _rec(model, steps, bucket, solved, cell, nfe, sampler="eb"):
+    return {"model": model, "sampler": sampler, "steps": steps, "bucket": bucket, "solved": solved,
+            "exact": solved, "cell_acc": cell, "parse_fail": 0.0, "nfe": nfe}
+
+
+def _records():
+    recs = []
+    for steps, sols in ((1, [0, 0, 1, 0]), (2, [1, 0, 1, 1])):
+        buckets = ["easy", "easy", "hard", None]
+        for i, (s, b) in enumerate(zip(sols, buckets)):
+            recs.append(_rec("tuned", steps, b, float(s), 0.5 + 0.1 * i, float(steps)))
+    return recs
+
+
+def test_bootstrap_contains_mean_narrows_reproducible():
+    rng = np.random.default_rng(1)
+    small = list(rng.integers(0, 2, 20).astype(float))
+    big = list(rng.integers(0, 2, 2000).astype(float))
+    for vals in (small, big):
+        lo, hi = bootstrap_ci(vals)
+        assert lo <= np.mean(vals) <= hi
+    assert (bootstrap_ci(big)[1] - bootstrap_ci(big)[0]) < (bootstrap_ci(small)[1] - bootstrap_ci(small)[0])
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+def test_aggregate_buckets_and_means():
+    timings = {("tuned", "eb", 1): {"tokens": 100, "seconds": 2.0}}
+    rows = aggregate(_records(), timings)
+    keys = [(r["bucket"], r["steps"]) for r in rows]
+    assert keys == [("all", 1), ("all", 2), ("easy", 1), ("easy", 2), ("hard", 1), ("hard", 2)]
+    by = {(r["bucket"], r["steps"]): r for r in rows}
+    assert by[("all", 1)]["n"] == 4 and by[("all", 1)]["solved"] == pytest.approx(0.25)
+    assert by[("all", 2)]["solved"] == pytest.approx(0.75)
+    assert by[("easy", 2)]["n"] == 2 and by[("easy", 2)]["solved"] == pytest.approx(0.5)
+    assert by[("easy", 1)]["cell_acc"] == pytest.approx(0.55)
+    assert by[("all", 1)]["cell_acc"] == pytest.approx(0.65)
+    assert by[("hard", 2)]["mean_nfe"] == pytest.approx(2.0)
+    assert by[("easy", 1)]["tokens_per_s"] == by[("all", 1)]["tokens_per_s"] == pytest.approx(50.0)
+    assert by[("all", 2)]["tokens_per_s"] == 0.0
+    assert by[("all", 1)]["steps_to_plateau"] == 2
+    assert by[("hard", 2)]["steps_to_plateau"] == 1
+
+
+def test_steps_to_plateau():
+    rows = [{"model": "m", "sampler": "s", "bucket": "all", "steps": st, "solved": v}
+            for st, v in zip((1, 2, 4, 8), (0.1, 0.5, 0.78, 0.8))]
+    rows += [{"model": "m", "sampler": "s", "bucket": "hard", "steps": st, "solved": 0.0} for st in (1, 2)]
+    add_steps_to_plateau(rows)
+    assert [r["steps_to_plateau"] for r in rows] == [4, 4, 4, 4, None, None]
+
+
+def test_format_table_filters_bucket():
+    rows = aggregate(_records(), {})
+    table = format_table(rows, bucket="easy")
+    lines = table.splitlines()
+    assert len(lines) == 2 + 2 and all("| easy |" in ln for ln in lines[2:])
+    assert "0.500 [" in lines[-1]
+
+
+def test_write_report(tmp_path):
+    rows = aggregate(_records() + [_rec("base", 1, "easy", 0.0, 0.1, 1.0)],
+                     {("tuned", "eb", 1): {"tokens": 10, "seconds": 1.0}})
+    rows[0]["exact"] = float("nan")
+    paths = write_report(tmp_path / "run", rows, {"task": "sudoku", "test_rows": 4})
+    assert set(paths) == {"json", "md", "png"} and all(p.exists() for p in paths.values())
+    text = paths["json"].read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["meta"]["task"] == "sudoku"
+    need = {"model", "bucket", "steps", "solved", "exact", "cell_acc", "parse_fail", "mean_nfe", "tokens_per_s",
+            "steps_to_plateau", "solved_lo", "solved_hi", "sampler"}
+    assert all(need <= set(r) for r in data["rows"])
+    assert data["rows"][0]["exact"] is None
+    md = paths["md"].read_text()
+    assert "![accuracy vs steps](accuracy_vs_steps.png)" in md and "## Bucket: hard" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in paths["json"].parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plot_single_bucket(tmp_path):
+    rows = aggregate([_rec("m", 4, None, 1.0, 1.0, 4.0)], {})
+    plot_accuracy_vs_steps(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

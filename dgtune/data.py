@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 SPLITS = ("train", "val", "test")
+DATA_VERSION = 2  # bump when the rows a task builds change, to invalidate cached splits
 
 
 def build_splits(task, sizes: dict[str, int], seed: int, cache_dir: str | Path | None, key: dict) -> dict[str, list[dict]]:
     """Build train/val/test rows with `datasets`, cached under `cache_dir/<task>-<hash of key>/`."""
     import datasets
 
-    digest = hashlib.sha256(json.dumps({**key, "sizes": sizes, "seed": seed}, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps({**key, "sizes": sizes, "seed": seed, "version": DATA_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{task.name}-{digest}" if cache_dir else None
     if path is not None and (path / "dataset_dict.json").exists():
         dd = datasets.load_from_disk(str(path))
@@ -40,9 +41,23 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-def encode_rows(tokenizer, rows: list[dict], canvas_length: int) -> list[dict]:
-    """Tokenise rows once: prompt ids, response ids (+EOS) and the clean canvas (EOS-filled)."""
+def template_ids(tokenizer, template: list[str | None] | None, canvas_length: int) -> list[int]:
+    """Canvas template as token ids: the id of each known piece, -1 where the model must fill in. [l]"""
+    ids = [-1] * canvas_length
+    for i, piece in enumerate(template or []):
+        if piece is not None:
+            tok = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if len(tok) != 1:
+                raise ValueError(f"template piece {piece!r} at position {i} is not exactly one token")
+            ids[i] = tok[0]
+    return ids
+
+
+def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> list[dict]:
+    """Tokenise rows once: prompt ids, response ids (+EOS), the clean canvas (EOS-filled) and, when the task
+    gives canvas templates, the template ids (-1 = free position)."""
     eos = tokenizer.eos_token_id
+    use_template = task is not None and getattr(task, "use_template", False)
     out = []
     for i, row in enumerate(rows):
         p = prompt_ids(tokenizer, row["prompt"])
@@ -51,7 +66,10 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int) -> list[dict]:
             raise ValueError(
                 f"row {i} ({row['task']}): response has {len(r)} tokens with EOS, more than canvas_length={canvas_length}"
             )
-        out.append({"prompt": p, "response": r, "canvas": r + [eos] * (canvas_length - len(r))})
+        item = {"prompt": p, "response": r, "canvas": r + [eos] * (canvas_length - len(r))}
+        if use_template:
+            item["template"] = template_ids(tokenizer, task.canvas_template(row), canvas_length)
+        out.append(item)
     return out
 
 
@@ -64,12 +82,15 @@ def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, x in enumerate(seqs):
         input_ids[i, : len(x)] = torch.tensor(x)
         attention_mask[i, : len(x)] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "prompt_len": torch.tensor([len(it["prompt"]) for it in items]),
         "canvas": torch.tensor([it["canvas"] for it in items]),
     }
+    if "template" in items[0]:
+        batch["canvas_keep"] = torch.tensor([it["template"] for it in items]) >= 0  # [b, l]
+    return batch
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

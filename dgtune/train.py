@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> dict:
     model.config.canvas_length = task.canvas_length
     sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
     splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
-    train_items = encode_rows(tokenizer, splits["train"], task.canvas_length)
+    train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]

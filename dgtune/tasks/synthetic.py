@@ -1,4 +1,4 @@
-"""Synthetic structured tasks for pretraining the bundled base (no Sudoku): Latin squares, sorting, addition,
+"""Synthetic structured tasks (bucket = task name, so reports break results down per task) for pretraining the bundled base (no Sudoku): Latin squares, sorting, addition,
 reversal. Latin-square completion shares Sudoku's grid format and row/column rules, without its boxes.
 """
 
@@ -69,7 +69,7 @@ class LatinSquareTask:
             frac = rng.uniform(self.min_blank, self.max_blank)
             blanks = set(rng.sample(range(len(sol)), int(frac * len(sol))))
             puzzle = "".join("0" if i in blanks else ch for i, ch in enumerate(sol))
-            rows.append(make_row(self.name, "latin:" + puzzle, sol, "", puzzle, sol, len(sol) - len(blanks)))
+            rows.append(make_row(self.name, "latin:" + puzzle, sol, self.name, puzzle, sol, len(sol) - len(blanks)))
         return rows
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
@@ -95,7 +95,7 @@ class SortTask:
         rows = []
         for _ in range(n):
             s = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_len, self.max_len)))
-            rows.append(make_row(self.name, "sort:" + s, "".join(sorted(s))))
+            rows.append(make_row(self.name, "sort:" + s, "".join(sorted(s)), self.name))
         return rows
 
     grade = staticmethod(_exact_grade)
@@ -115,7 +115,7 @@ class ReverseTask:
         rows = []
         for _ in range(n):
             s = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_len, self.max_len)))
-            rows.append(make_row(self.name, "rev:" + s, s[::-1]))
+            rows.append(make_row(self.name, "rev:" + s, s[::-1], self.name))
         return rows
 
     grade = staticmethod(_exact_grade)
@@ -136,7 +136,7 @@ class AdditionTask:
         for _ in range(n):
             a = rng.randint(0, 10 ** rng.randint(1, self.max_digits) - 1)
             b = rng.randint(0, 10 ** rng.randint(1, self.max_digits) - 1)
-            rows.append(make_row(self.name, f"add:{a}+{b}", str(a + b)))
+            rows.append(make_row(self.name, f"add:{a}+{b}", str(a + b), self.name))
         return rows
 
     grade = staticmethod(_exact_grade)

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> str:
     model.eval()
     ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     canvas_length = cfg.task.get("canvas_length") or model.config.canvas_length
-    res = sample(model, ids, sampler_config(cfg), torch.Generator().manual_seed(cfg.seed), tokenizer.eos_token_id,
-                 tokenizer.pad_token_id, canvas_length)
+    res = sample(model, ids, sampler_config(cfg, tokenizer), torch.Generator().manual_seed(cfg.seed),
+                 tokenizer.eos_token_id, tokenizer.pad_token_id, canvas_length)
     text = tokenizer.decode(res.tokens[0], skip_special_tokens=True)
     print(text)
     print(f"[dgtune] nfe={int(res.nfe[0])}", file=sys.stderr)

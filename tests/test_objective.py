@@ -75,3 +75,13 @@ def test_noise_level_range_and_corruption_rate():
     keep[:, :100] = True
     noisy, corrupted = corrupt_masked(clean, tt, 3, g, keep)
     assert not corrupted[:, :100].any() and (noisy[corrupted] == 3).all() and (noisy[~corrupted] == 0).all()
+
+
+def test_without_ar_loss_only_prompts_are_encoded_and_loss_is_unchanged(tiny):
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    vocab = model.config.text_config.vocab_size
+    ours = denoising_loss(model, batch, ObjectiveConfig(ar_weight=0.0), torch.Generator().manual_seed(5), vocab, 3)
+    diff, _ = _reference_loss(model, batch, 5, vocab)
+    assert "ar_loss" not in ours
+    torch.testing.assert_close(ours["loss"].detach(), diff.detach(), rtol=1e-5, atol=1e-5)

@@ -43,7 +43,11 @@ def denoising_loss(
     sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
 
     # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
-    # of the cache, and its canvas positions continue right after the prompt.
+    # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
+    # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
+    if cfg.ar_weight == 0:
+        s = int(prompt_len.max())
+        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
     cache, enc_hidden = encode(model, input_ids, attention_mask)
     offsets = torch.arange(l, device=device)
     cache_mask = (torch.arange(s, device=device)[None, :] < prompt_len[:, None]).long()  # [b, s]

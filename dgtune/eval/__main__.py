@@ -1,9 +1,10 @@
 """`python -m dgtune.eval RUN_DIR [key=value ...]`: accuracy against denoising steps, base vs tuned.
 
 Loads the run's config (`RUN_DIR/config.yaml`), applies the overrides (e.g. `task.test_file=PATH`,
-`eval.steps=[1,4,12]`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
-test rows at every step count with the shared sampler, and writes `report.json`, `report.md` and
-`accuracy_vs_steps.png` into RUN_DIR (or `eval.out_dir`).
+`eval.steps=[1,4,12]`, `sampler=topk_confidence` to use configs/sampler/topk_confidence.yaml,
+`sampler.mode=reference`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
+test rows at every step count with the shared sampler (fast mode unless the config says otherwise), and writes
+`report.json`, `report.md` and `accuracy_vs_steps.png` into RUN_DIR (or `eval.out_dir`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from dgtune.eval.runner import evaluate
 from dgtune.sampling.sampler import SamplerConfig
 
 
-def sampler_config(cfg: DictConfig) -> SamplerConfig:
-    """SamplerConfig from `cfg.sampler` (the `name` key is a label, not a setting)."""
+CONFIG_GROUPS = ("sampler",)  # `group=NAME` overrides load configs/<group>/NAME.yaml
+EVAL_DEFAULT_MODE = "fast"  # sampler mode when the config does not set one (runs saved before `mode` existed)
+
+
+def sampler_config(cfg: DictConfig, tokenizer=None) -> SamplerConfig:
+    """SamplerConfig from `cfg.sampler` (the `name` key is a label, not a setting); `mode` defaults to fast and,
+    with noise "mask", `mask_token_id` to the tokenizer's."""
     d = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "name"}
+    d.setdefault("mode", EVAL_DEFAULT_MODE)
+    if d.get("noise") == "mask" and d.get("mask_token_id") is None and tokenizer is not None:
+        d["mask_token_id"] = tokenizer.mask_token_id
     return SamplerConfig(**d)
 
 
@@ -90,15 +99,43 @@ def load_run(run_dir: Path, cfg: DictConfig):
                             "did training finish? A killed run can be resumed with resume=true.")
 
 
+def load_group(group: str, name: str) -> DictConfig:
+    """configs/<group>/<name>.yaml, or an error listing the available names."""
+    from dgtune.config import config_dir
+
+    path = config_dir() / group / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise FileNotFoundError(f"no {group} config {name!r} (available: {names})")
+    return OmegaConf.load(path)
+
+
+def _known_key(cfg: DictConfig, key: str) -> bool:
+    if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
+        return True
+    group, _, field = key.partition(".")  # sampler settings added after a run was saved
+    return group == "sampler" and field in SamplerConfig.__dataclass_fields__
+
+
 def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Apply `key=value` overrides; an unknown key is an error that names it."""
+    """Apply overrides: `group=NAME` (e.g. `sampler=topk_confidence`) replaces that config group with
+    configs/<group>/NAME.yaml first, then `key=value` overrides are merged; an unknown key is an error that names it."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
+    cfg = cfg.copy()
+    plain = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key.lstrip("+") in CONFIG_GROUPS:
+            OmegaConf.update(cfg, key.lstrip("+"), load_group(key.lstrip("+"), value), merge=False)
+        else:
+            plain.append(item)
+    for item in plain:
         key = item.split("=", 1)[0].lstrip("+")
-        if not item.startswith("+") and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        if not item.startswith("+") and not _known_key(cfg, key):
             raise KeyError(f"unknown config key {key!r} (use +{key}=... to add a new key)")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in plain]))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -20,6 +20,12 @@ def group_by_prompt_length(tokenizer, rows: list[dict]) -> list[tuple[list[int],
     return [([i for i, _ in g], torch.tensor([ids for _, ids in g])) for _, g in sorted(groups.items())]
 
 
+def row_seeds_for(seed: int, row_indices: list[int]) -> torch.Tensor:
+    """Per-row sampler seeds [n]: a function of (seed, row index) only, so a row's fast-mode output does not
+    depend on the batch size or on the other rows of its batch."""
+    return torch.tensor(row_indices, dtype=torch.long) + seed * 1_000_003 + 1
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
              seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None):
@@ -35,13 +41,17 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     records, timings = [], {}
     for steps in steps_list:
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
+        if cfg.noise == "mask" and cfg.mask_token_id is None:
+            cfg.mask_token_id = tokenizer.mask_token_id
         n_tokens, seconds = 0, 0.0
         for gi, (idx, prompts) in enumerate(groups):
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 g = torch.Generator(device=device).manual_seed(seed + 1_000 * gi + start)
+                row_seeds = row_seeds_for(seed, chunk).to(device)  # fast mode: outputs independent of batch_size
                 t0 = time.perf_counter()
-                res = sample(model, prompts[start : start + batch_size].to(device), cfg, g, eos, pad, task.canvas_length)
+                batch = prompts[start : start + batch_size].to(device)
+                res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds)
                 seconds += time.perf_counter() - t0
                 n_tokens += int((res.tokens != pad).sum())
                 texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)

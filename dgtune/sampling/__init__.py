@@ -1,1 +1,3 @@
-"""DiffusionGemma's sampler (entropy-bound acceptance, renoising, adaptive stopping), batched."""
+"""Diffusion samplers: `sampler.sample` (reference mode mirrors transformers' generate(); fast mode in `fast.py`),
+the decoding strategies (`strategies.py`), per-position step statistics (`stats.py`, Triton kernel in
+`triton_stats.py`) and counter-based per-row random numbers (`rng.py`)."""

@@ -9,6 +9,13 @@ canvas is unchanged for `stability_threshold` steps and its mean entropy is < `c
 
 With the same seed, the random draws (canvas init, multinomial, renoise) happen in the same order and shapes as
 `DiffusionGemmaForBlockDiffusion.generate()`, so both produce the same tokens (tests/test_sampler.py).
+
+That is `mode="reference"` (the `SamplerConfig` default). `mode="fast"` (`dgtune.sampling.fast`, the default of
+`configs/sampler/*.yaml`) runs the same algorithm with retired finished rows, one-pass step statistics and
+per-row counter-based random numbers (batch invariant), and every strategy of `dgtune.sampling.strategies`
+(`entropy_bound`, `topk_confidence`, `topk_margin`, `topk_entropy`, `topk_random`, `threshold`) with uniform or
+[MASK] noise. Strategies other than `entropy_bound` with uniform noise have no `generate()` counterpart and always
+run on the fast path.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dgtune.diffusion.model_calls import decode, encode
+from dgtune.sampling.strategies import entropy_bound_accept, temperature  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -32,6 +40,13 @@ class SamplerConfig:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     max_canvases: int = 1
+    mode: str = "reference"  # "reference": same draws as transformers' generate(); "fast": dgtune.sampling.fast
+    noise: str = "uniform"  # "uniform" (renoise with random tokens) | "mask" (absorbing [MASK] noise)
+    mask_token_id: int | None = None  # for noise="mask" (default: the model config's mask_token_id)
+    threshold: float = 0.9  # strategy "threshold": commit positions with max-prob > threshold
+    commit: str = "sample"  # committed strategies commit the sampled token ("sample") or the argmax ("argmax")
+    sync_every: int = 0  # fast mode: retire finished rows every N steps (0: 1 on CPU, 4 on accelerators)
+    stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
 
 
 @dataclass
@@ -40,24 +55,11 @@ class SampleResult:
     nfe: torch.Tensor  # [b] decoder forward passes per sequence
 
 
-def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
-    """Linear schedule; `cur_step` counts the steps remaining (max_steps .. 1). Computed in float32 exactly as
-    transformers does, so that logits / temperature match bit for bit."""
-    return t_min + ((t_max - t_min) * (torch.tensor(cur_step, dtype=torch.int32) / max_steps))
-
-
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position. [b, l, v] -> [b, l]"""
     logp = logits - logits.logsumexp(-1, keepdim=True)  # same ops as torch.distributions.Categorical.entropy
     probs = torch.softmax(logp, dim=-1)
     return -(logp.clamp(min=torch.finfo(logp.dtype).min) * probs).sum(-1)
-
-
-def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """Accept the lowest-entropy positions while sum(entropies) - max(entropy) <= bound. [b, l] -> bool [b, l]"""
-    sorted_h, order = torch.sort(entropy, dim=-1)
-    keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def denoise_step(
@@ -119,10 +121,24 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
     return argmax, nfe
 
 
+def uses_reference(cfg: SamplerConfig) -> bool:
+    """True when `cfg` runs the generate()-mirroring loop below (mode "reference", entropy_bound, uniform noise)."""
+    if cfg.mode not in ("reference", "fast"):
+        raise ValueError(f"sampler mode must be 'reference' or 'fast', got {cfg.mode!r}")
+    return cfg.mode == "reference" and cfg.strategy == "entropy_bound" and cfg.noise == "uniform"
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator, eos_id: int, pad_id: int,
-           canvas_length: int | None = None) -> SampleResult:
-    """Sample responses for equal-length prompts [b, p] (group prompts by length before calling)."""
+           canvas_length: int | None = None, row_seeds: torch.Tensor | None = None) -> SampleResult:
+    """Sample responses for equal-length prompts [b, p] (group prompts by length before calling).
+
+    `row_seeds` [b] (fast path only): one seed per row, so that a row's output does not depend on the batch;
+    by default drawn from `generator`. The reference path draws from `generator` like generate() does."""
+    if not uses_reference(cfg):
+        from dgtune.sampling.fast import sample_fast
+
+        return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds)
     core_cfg = getattr(model, "config", None)
     canvas_length = canvas_length or core_cfg.canvas_length
     vocab_size = core_cfg.text_config.vocab_size

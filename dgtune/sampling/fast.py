@@ -1,0 +1,160 @@
+"""The fast sampler (`SamplerConfig.mode="fast"`): same model calls and the same algorithms as the reference
+sampler, organised for speed and batch invariance.
+
+- The prompt is encoded once; every step reuses its KV cache.
+- Finished rows are retired: the canvas, self-conditioning logits, history and the cache (shallow copies whose
+  `layers[i].keys/.values` are index-selected) shrink to the rows still running, every `sync_every` steps (the
+  only host sync of the loop; 0 = every step on CPU, every 4 steps on accelerators).
+- Temperature, entropy, max-prob, margin, argmax and the Gumbel-max sample come from one pass over the logits
+  (`dgtune.sampling.stats.step_stats`, a Triton kernel on CUDA).
+- Random numbers are a counter-based hash of (row seed, canvas, step, purpose, position[, vocab id])
+  (`dgtune.sampling.rng`): a row's tokens do not depend on the other rows of the batch.
+- The decoder gets a precomputed (empty) attention-mask mapping and position ids.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dgtune.diffusion.model_calls import decode, encode, unwrap
+from dgtune.sampling import rng
+from dgtune.sampling.stats import StepStats, step_stats
+from dgtune.sampling.strategies import check_strategy, strategy_step, temperature
+
+NO_MASKS = {"full_attention": None, "sliding_attention": None}  # no padding: attention over prompt + canvas
+
+
+def select_rows(cache, idx: torch.Tensor):
+    """A shallow copy of a DynamicCache holding only batch rows `idx` (the original is untouched)."""
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        layer = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys.index_select(0, idx)
+            layer.values = layer.values.index_select(0, idx)
+        new.layers.append(layer)
+    return new
+
+
+def resolve_mask_id(model, cfg) -> int | None:
+    """The [MASK] id for `noise="mask"` (config, else the model config), None for uniform noise."""
+    if cfg.noise != "mask":
+        return None
+    mid = cfg.mask_token_id
+    if mid is None:
+        conf = unwrap(model).config
+        mid = getattr(conf, "mask_token_id", None) or getattr(conf.text_config, "mask_token_id", None)
+    if mid is None:
+        raise ValueError("noise='mask' needs SamplerConfig.mask_token_id (the tokenizer's mask_token_id)")
+    return int(mid)
+
+
+def _sync_every(cfg, device) -> int:
+    return cfg.sync_every if cfg.sync_every > 0 else (1 if device.type == "cpu" else 4)
+
+
+@torch.no_grad()
+def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
+                        cfg, position_offset: int, mask_id: int | None):
+    """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b])."""
+    b, l, device = keys.shape[0], canvas_length, keys.device
+    positions = torch.arange(position_offset, position_offset + l, device=device)[None]
+    init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
+    all_step_keys = rng.step_keys(keys, canvas_idx, cfg.max_steps)  # [b, steps, purposes]
+    canvas = rng.randint(init_keys, vocab_size) if mask_id is None else torch.full((b, l), mask_id, device=device)
+    committed = torch.zeros(b, l, dtype=torch.bool, device=device)
+    out = torch.empty(b, l, dtype=torch.long, device=device)
+    nfe = torch.zeros(b, device=device)
+    rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
+    live = torch.ones(b, dtype=torch.bool, device=device)  # active and not finished
+    history = torch.full((max(cfg.stability_threshold, 1), b, l), -1, dtype=torch.long, device=device)
+    view, sc_logits, sync_every = cache, None, _sync_every(cfg, device)
+    need_sample = cfg.strategy == "entropy_bound" or cfg.commit == "sample"
+    embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
+    for i in range(cfg.max_steps):
+        steps_left = cfg.max_steps - i
+        raw = decode(model, canvas, view, self_conditioning_logits=sc_logits, decoder_attention_mask=NO_MASKS,
+                     decoder_position_ids=positions)  # [a, l, v]
+        if mask_id is not None:
+            raw[..., mask_id] = float("-inf")  # never predict [MASK]
+        a = raw.shape[0]
+        t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
+        sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
+        sample_keys = rng.position_keys(sk[:, rng.SAMPLE], l).view(-1) if need_sample else None
+        st = step_stats(raw.view(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
+        st = StepStats(*(x.view(a, l) if x is not None else None for x in st))
+        pos_keys = {"renoise": rng.position_keys(sk[:, rng.RENOISE], l) if mask_id is None else sk[:, :1],
+                    "score": rng.position_keys(sk[:, rng.SCORE], l) if cfg.strategy == "topk_random" else None}
+        canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id)
+        nfe.index_add_(0, rows, live.float())
+        if cfg.strategy == "entropy_bound":
+            if cfg.stability_threshold == 0:
+                stable = torch.ones_like(live)
+            else:
+                stable = (history == output[None]).all(-1).all(0)
+                history = torch.roll(history, -1, 0)
+                history[-1] = output
+            done = stable & (st.entropy.mean(-1) < cfg.confidence_threshold)
+        else:
+            done = committed.all(-1)
+        if steps_left == 1:
+            done = torch.ones_like(done)
+        newly = live & done
+        out.index_copy_(0, rows, torch.where(newly[:, None], output, out.index_select(0, rows)))
+        live = live & ~done
+        sc_logits = (raw / t).to(embed_dtype)  # processed logits: next step's self-conditioning
+        if steps_left == 1 or (i + 1) % sync_every:
+            continue
+        keep = live.nonzero().squeeze(1)  # host sync
+        if keep.numel() == 0:
+            break
+        if keep.numel() < a:
+            rows, live = rows[keep], live[keep]
+            canvas, committed, sc_logits = canvas[keep], committed[keep], sc_logits[keep]
+            history = history[:, keep]
+            view = select_rows(cache, rows)
+    return out, nfe
+
+
+@torch.no_grad()
+def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator | None, eos_id: int, pad_id: int,
+                canvas_length: int | None = None, row_seeds: torch.Tensor | None = None):
+    """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b])."""
+    from dgtune.sampling.sampler import SampleResult
+
+    check_strategy(cfg)
+    core_cfg = unwrap(model).config
+    canvas_length = canvas_length or core_cfg.canvas_length
+    vocab_size = core_cfg.text_config.vocab_size
+    b, p = prompt_ids.shape
+    device = prompt_ids.device
+    if row_seeds is None:
+        if generator is None:
+            raise ValueError("sample_fast needs a generator or row_seeds")
+        row_seeds = rng.row_seeds_from(generator, b)
+    keys = rng.seed_keys(row_seeds.to(device))  # [b]
+    mask_id = resolve_mask_id(model, cfg)
+    cache, _ = encode(model, prompt_ids)
+    tokens = torch.full((b, cfg.max_canvases * canvas_length), pad_id, dtype=torch.long, device=device)
+    nfe = torch.zeros(b, device=device)
+    alive = torch.arange(b, device=device)  # rows without EOS so far
+    cur_len, n_canvases = p, 0
+    for k in range(cfg.max_canvases):
+        out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id)
+        tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
+        nfe.index_add_(0, alive, n)
+        n_canvases = k + 1
+        keep = (~(out == eos_id).any(-1)).nonzero().squeeze(1)
+        if keep.numel() == 0 or k + 1 == cfg.max_canvases:
+            break
+        cache, alive = select_rows(cache, keep), alive[keep]
+        positions = torch.arange(cur_len, cur_len + canvas_length, device=device)[None]
+        cache, _ = encode(model, out[keep], cache=cache, position_ids=positions)
+        cur_len += canvas_length
+    tokens = tokens[:, : n_canvases * canvas_length]
+    is_eos = tokens == eos_id
+    after_eos = (torch.cumsum(is_eos.long(), -1) - is_eos.long()) > 0
+    return SampleResult(tokens=torch.where(after_eos, torch.full_like(tokens, pad_id), tokens), nfe=nfe)

@@ -1,0 +1,202 @@
+"""The fast sampler: every strategy, committed-token invariants, [MASK] noise, batch invariance, config wiring."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dgtune.sampling import fast, rng, strategies
+from dgtune.sampling.sampler import SamplerConfig, sample, token_entropy
+from dgtune.sampling.stats import step_stats_torch
+
+MASK_ID = 3  # the tiny tokenizer's <mask>
+ALL = ["entropy_bound", "topk_confidence", "topk_margin", "topk_entropy", "topk_random", "threshold"]
+
+
+def _prompts(b, seed=0):
+    return torch.randint(7, 40, (b, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _sharpen(model, factor):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+
+
+def _record(monkeypatch):
+    """Record (canvas in, committed in, steps_left, canvas out, committed out, output) of every strategy step."""
+    calls = []
+
+    def wrapped(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id):
+        nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id)
+        calls.append((canvas.clone(), committed.clone(), steps_left, nxt.clone(), com.clone(), out.clone()))
+        return nxt, com, out
+
+    monkeypatch.setattr(fast, "strategy_step", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", ALL)
+@pytest.mark.parametrize("noise", ["uniform", "mask"])
+def test_strategy_shapes_nfe_and_commits(tiny, monkeypatch, strategy, noise):
+    model, tok = tiny
+    calls = _record(monkeypatch)
+    steps = 5
+    cfg = SamplerConfig(strategy=strategy, mode="fast", noise=noise, mask_token_id=MASK_ID, max_steps=steps,
+                        sync_every=1000)  # no retiring here: every call sees the whole batch
+    res = sample(model, _prompts(3), cfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id)
+    assert res.tokens.shape == (3, model.config.canvas_length) and res.nfe.shape == (3,)
+    assert ((res.nfe >= 1) & (res.nfe <= steps)).all()
+    if strategy.startswith("topk"):
+        assert (res.nfe == steps).all()
+    if noise == "mask":
+        assert (calls[0][0] == MASK_ID).all()  # the canvas starts all [MASK]
+        assert not (res.tokens == MASK_ID).any()  # [MASK] is never predicted
+    for canvas, committed, steps_left, nxt, com, out in calls:
+        assert (com | ~committed).all()  # commitments are never undone
+        assert torch.equal(nxt[committed], canvas[committed])  # ... and committed tokens never change
+        assert torch.equal(out[com], nxt[com])  # the output keeps the committed tokens
+        if noise == "mask" and strategy != "entropy_bound":  # (entropy_bound feeds its accepted samples back)
+            assert (nxt[~com] == MASK_ID).all()
+        new = (com & ~committed).sum(-1)
+        free = (~committed).sum(-1)
+        if strategy.startswith("topk"):
+            assert torch.equal(new, (free + steps_left - 1) // steps_left)  # ceil(remaining / steps left)
+            if steps_left == 1:
+                assert com.all()  # everything committed by the last step
+        if strategy == "threshold":
+            assert (new >= (free > 0).long()).all()  # at least one per step
+        if strategy == "entropy_bound":
+            assert not com.any()
+
+
+def test_threshold_commits_confident_positions():
+    cfg = SamplerConfig(strategy="threshold", threshold=0.5)
+    p = torch.tensor([[0.9, 0.2, 0.6, 0.95]])
+    committed = torch.tensor([[False, False, False, True]])
+    st = strategies_stats(p)
+    keys = {"renoise": torch.zeros(1, 4, dtype=torch.long), "score": torch.zeros(1, 4, dtype=torch.long)}
+    canvas = torch.tensor([[9, 9, 9, 5]])
+    nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, 3, keys, 60, MASK_ID)
+    assert com.tolist() == [[True, False, True, True]]
+    assert nxt.tolist() == [[11, MASK_ID, 11, 5]] and out.tolist() == [[11, 22, 11, 5]]
+    p_low = torch.tensor([[0.1, 0.3, 0.2, 0.95]])
+    _, com, _ = strategies.strategy_step(cfg, strategies_stats(p_low), canvas, committed, 3, keys, 60, MASK_ID)
+    assert com.tolist() == [[False, True, False, True]]  # none above tau: the most confident free one
+
+
+def strategies_stats(max_prob):
+    """Fake StepStats [1, l]: sample 11 everywhere, argmax 22 everywhere."""
+    from dgtune.sampling.stats import StepStats
+
+    shape = max_prob.shape
+    return StepStats(torch.zeros(shape), max_prob, torch.full(shape, 22), torch.zeros(shape), torch.full(shape, 11))
+
+
+def test_topk_selection_ranks():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3]])
+    free = torch.tensor([[True, False, True, True, True]])
+    sel = strategies.select_topk(scores, free, torch.tensor([2]))
+    assert sel.tolist() == [[False, False, True, True, False]]
+
+
+def test_step_stats_torch_matches_definitions():
+    logits = torch.randn(6, 4, 30, generator=torch.Generator().manual_seed(0)) * 3
+    keys = rng.position_keys(rng.seed_keys(torch.arange(6)), 4).view(-1)
+    st = step_stats_torch(logits.view(-1, 30), 0.6, noise_keys=keys)
+    z = logits.view(-1, 30) / 0.6
+    p = z.softmax(-1)
+    top = p.topk(2).values
+    torch.testing.assert_close(st.entropy, token_entropy(z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.max_prob, top[:, 0])
+    torch.testing.assert_close(st.margin, top[:, 0] - top[:, 1], atol=1e-6, rtol=1e-5)
+    assert torch.equal(st.argmax, z.argmax(-1)) and st.sample.shape == (24,)
+    u = rng.uniform(torch.arange(20000))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("strategy", ["entropy_bound", "threshold", "topk_random"])
+def test_batch_invariance(tiny, strategy):
+    """A row's tokens and NFE depend on its seed only, not on the batch (64 rows vs alone), with retiring rows."""
+    model, tok = tiny
+    prompts, seeds = _prompts(64, seed=1), torch.arange(64) * 7 + 1
+    cfg = SamplerConfig(strategy=strategy, mode="fast", max_steps=8)
+    _sharpen(model, 30.0)  # confident rows stop at different steps
+    try:
+        big = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds)
+        for i in (0, 29, 63):
+            one = sample(model, prompts[i:i + 1], cfg, None, tok.eos_token_id, tok.pad_token_id,
+                         row_seeds=seeds[i:i + 1])
+            assert torch.equal(one.tokens[0], big.tokens[i]) and one.nfe[0] == big.nfe[i], i
+        again = sample(model, prompts[:8], cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds[:8])
+    finally:
+        _sharpen(model, 1 / 30.0)
+    assert torch.equal(again.tokens, big.tokens[:8])
+    if strategy != "topk_random":
+        assert big.nfe.min() < big.nfe.max()  # rows did finish at different steps
+
+
+def test_fast_equals_reference_when_confident(tiny, monkeypatch):
+    """With a decoder that is certain regardless of the canvas, both modes stop after 2 steps (stable + confident)
+    with the argmax canvas: same tokens, same NFE."""
+    model, tok = tiny
+    l, v = model.config.canvas_length, model.config.text_config.vocab_size
+    target = torch.randint(7, v, (3, l), generator=torch.Generator().manual_seed(5))
+    target[:, -3] = tok.eos_token_id
+
+    def fake_decode(model, canvas, cache, self_conditioning_logits=None, **kw):
+        idx = torch.arange(canvas.shape[0])  # fast mode may call with fewer rows; all rows share the target here
+        return torch.nn.functional.one_hot(target[idx % 3], v).float() * 40.0
+
+    import dgtune.sampling.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "decode", fake_decode)
+    monkeypatch.setattr(fast, "decode", fake_decode)
+    prompts = _prompts(3)
+    ref = sample(model, prompts, SamplerConfig(max_steps=12), torch.Generator().manual_seed(0), 1, 0)
+    fst = sample(model, prompts, SamplerConfig(max_steps=12, mode="fast"), torch.Generator().manual_seed(0), 1, 0)
+    assert torch.equal(ref.tokens, fst.tokens) and torch.equal(ref.nfe, fst.nfe)
+    assert (fst.nfe == 2).all() and (fst.tokens[:, -2:] == 0).all()
+
+
+def test_sampler_yamls_and_group_override(tmp_path):
+    from dgtune.config import config_dir
+    from dgtune.eval.__main__ import merge_overrides, sampler_config
+
+    names = sorted(p.stem for p in (config_dir() / "sampler").glob("*.yaml"))
+    assert set(ALL) <= set(names)
+    for name in names:
+        node = OmegaConf.load(config_dir() / "sampler" / f"{name}.yaml")
+        assert node.name == name
+        strategies.check_strategy(sampler_config(OmegaConf.create({"sampler": node})))
+    base = OmegaConf.create({"seed": 0, "sampler": {"name": "entropy_bound", "strategy": "entropy_bound",
+                                                    "max_steps": 48, "entropy_bound": 0.1}})
+    cfg = merge_overrides(base, ["sampler.max_steps=12", "sampler=topk_confidence"])
+    assert cfg.sampler.name == "topk_confidence" and cfg.sampler.max_steps == 12 and "entropy_bound" not in cfg.sampler
+    assert sampler_config(cfg).strategy == "topk_confidence"
+    cfg = merge_overrides(base, ["sampler.mode=reference"])  # a field the saved config predates
+    assert sampler_config(cfg).mode == "reference" and sampler_config(base).mode == "fast"
+    with pytest.raises(FileNotFoundError, match="topk_confidence"):
+        merge_overrides(base, ["sampler=nope"])
+    with pytest.raises(KeyError):
+        merge_overrides(base, ["sampler.nope=1"])
+    assert math.isclose(sampler_config(merge_overrides(base, ["sampler=threshold"])).threshold, 0.9)
+
+
+def test_multi_canvas_fast(tiny):
+    """Rows without EOS get a second canvas (cache sliced to them, canvas encoded); still batch invariant."""
+    model, tok = tiny
+    prompts, seeds = _prompts(6, seed=2), torch.arange(6) + 100
+    cfg = SamplerConfig(mode="fast", max_steps=3, max_canvases=3)
+    big = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds)
+    l = model.config.canvas_length
+    assert big.tokens.shape[1] in (l, 2 * l, 3 * l) and (big.nfe % 3 == 0).all()
+    assert big.nfe.min() < big.nfe.max()  # some rows stopped after an EOS canvas, the others went on
+    is_eos = big.tokens == tok.eos_token_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    assert (big.tokens[after] == tok.pad_token_id).all()
+    for i in (0, 5):
+        one = sample(model, prompts[i:i + 1], cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds[i:i + 1])
+        w = one.tokens.shape[1]
+        assert torch.equal(one.tokens[0], big.tokens[i, :w]) and (big.tokens[i, w:] == tok.pad_token_id).all()
+        assert one.nfe[0] == big.nfe[i]

@@ -64,6 +64,10 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
         with ctx:
             r2, t2 = evaluate(base, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "base", name)
         records, timings = r2 + records, {**t2, **timings}
+    if cfg.eval.get("guided"):  # verifier-guided renoising: its own curve, never mixed into the plain one
+        r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",
+                          f"{name}+verifier", guided=True)
+        records, timings = records + r3, {**timings, **t3}
     table_rows = aggregate(records, timings)
     out_dir = Path(cfg.eval.get("out_dir") or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

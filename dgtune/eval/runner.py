@@ -28,8 +28,9 @@ def row_seeds_for(seed: int, row_indices: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
-             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None):
-    """Sample and grade every row at every step count.
+             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False):
+    """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
+    are clamped; with `guided`, the task's rule checker vetoes accepted tokens that break a hard constraint.
 
     Returns (records, timings): one record per (steps, row) with the grade, bucket and NFE; timings map
     (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
@@ -39,6 +40,8 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     groups = group_by_prompt_length(tokenizer, rows)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     records, timings = [], {}
+    use_template = getattr(task, "use_template", False)
+    guide = task.make_guide(tokenizer) if guided else None
     for steps in steps_list:
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
         if cfg.noise == "mask" and cfg.mask_token_id is None:
@@ -51,7 +54,9 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 row_seeds = row_seeds_for(seed, chunk).to(device)  # fast mode: outputs independent of batch_size
                 t0 = time.perf_counter()
                 batch = prompts[start : start + batch_size].to(device)
-                res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds)
+                template = task.template_tensor(tokenizer, [rows[i] for i in chunk]).to(device) if use_template else None
+                res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds,
+                             template=template, guide=guide)
                 seconds += time.perf_counter() - t0
                 n_tokens += int((res.tokens != pad).sum())
                 texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)

@@ -58,14 +58,21 @@ def _sync_every(cfg, device) -> int:
 
 @torch.no_grad()
 def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
-                        cfg, position_offset: int, mask_id: int | None):
-    """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b])."""
+                        cfg, position_offset: int, mask_id: int | None, template: torch.Tensor | None = None,
+                        guide=None):
+    """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b]).
+
+    template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
+    as committed. guide: see `strategies.strategy_step`."""
     b, l, device = keys.shape[0], canvas_length, keys.device
     positions = torch.arange(position_offset, position_offset + l, device=device)[None]
     init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
     all_step_keys = rng.step_keys(keys, canvas_idx, cfg.max_steps)  # [b, steps, purposes]
     canvas = rng.randint(init_keys, vocab_size) if mask_id is None else torch.full((b, l), mask_id, device=device)
     committed = torch.zeros(b, l, dtype=torch.bool, device=device)
+    known = None if template is None else template >= 0  # [b, l]
+    if known is not None:
+        canvas, committed = torch.where(known, template, canvas), known.clone()
     out = torch.empty(b, l, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
     rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
@@ -88,7 +95,17 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         st = StepStats(*(x.view(a, l) if x is not None else None for x in st))
         pos_keys = {"renoise": rng.position_keys(sk[:, rng.RENOISE], l) if mask_id is None else sk[:, :1],
                     "score": rng.position_keys(sk[:, rng.SCORE], l) if cfg.strategy == "topk_random" else None}
-        canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id)
+        tmpl = None if known is None else (template, known) if a == b else (template[rows], known[rows])
+        if tmpl is not None:  # known positions: certain (entropy 0), and their token is the template's
+            tok, k = tmpl
+            st = StepStats(entropy=st.entropy.masked_fill(k, 0.0), max_prob=st.max_prob.masked_fill(k, 1.0),
+                           argmax=torch.where(k, tok, st.argmax), margin=st.margin.masked_fill(k, 1.0),
+                           sample=None if st.sample is None else torch.where(k, tok, st.sample))
+        step_guide = guide if tmpl is None or guide is None else (lambda tok, fixed: guide(tok, fixed | tmpl[1]) & ~tmpl[1])
+        canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id,
+                                                  step_guide)
+        if tmpl is not None:
+            canvas, output = torch.where(tmpl[1], tmpl[0], canvas), torch.where(tmpl[1], tmpl[0], output)
         nfe.index_add_(0, rows, live.float())
         if cfg.strategy == "entropy_bound":
             if cfg.stability_threshold == 0:
@@ -121,8 +138,10 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
 
 @torch.no_grad()
 def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator | None, eos_id: int, pad_id: int,
-                canvas_length: int | None = None, row_seeds: torch.Tensor | None = None):
-    """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b])."""
+                canvas_length: int | None = None, row_seeds: torch.Tensor | None = None,
+                template: torch.Tensor | None = None, guide=None):
+    """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b]).
+    template [b, l] (first canvas) and guide: see `denoise_canvas_fast`."""
     from dgtune.sampling.sampler import SampleResult
 
     check_strategy(cfg)
@@ -143,7 +162,8 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     alive = torch.arange(b, device=device)  # rows without EOS so far
     cur_len, n_canvases = p, 0
     for k in range(cfg.max_canvases):
-        out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id)
+        out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id,
+                                     template if k == 0 else None, guide if k == 0 else None)
         tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
         nfe.index_add_(0, alive, n)
         n_canvases = k + 1

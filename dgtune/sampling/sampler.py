@@ -130,15 +130,17 @@ def uses_reference(cfg: SamplerConfig) -> bool:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator, eos_id: int, pad_id: int,
-           canvas_length: int | None = None, row_seeds: torch.Tensor | None = None) -> SampleResult:
+           canvas_length: int | None = None, row_seeds: torch.Tensor | None = None,
+           template: torch.Tensor | None = None, guide=None) -> SampleResult:
     """Sample responses for equal-length prompts [b, p] (group prompts by length before calling).
 
     `row_seeds` [b] (fast path only): one seed per row, so that a row's output does not depend on the batch;
-    by default drawn from `generator`. The reference path draws from `generator` like generate() does."""
-    if not uses_reference(cfg):
+    by default drawn from `generator`. The reference path draws from `generator` like generate() does.
+    `template` [b, l] (known canvas tokens, -1 = free) and `guide` (a rule checker) run on the fast path."""
+    if not uses_reference(cfg) or template is not None or guide is not None:
         from dgtune.sampling.fast import sample_fast
 
-        return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds)
+        return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds, template, guide)
     core_cfg = getattr(model, "config", None)
     canvas_length = canvas_length or core_cfg.canvas_length
     vocab_size = core_cfg.text_config.vocab_size

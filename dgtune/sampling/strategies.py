@@ -80,12 +80,16 @@ def select_threshold(max_prob: torch.Tensor, free: torch.Tensor, tau: float) -> 
 
 
 def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, steps_left: int, keys: dict,
-                  vocab_size: int, mask_id: int | None):
+                  vocab_size: int, mask_id: int | None, guide=None):
     """One step of `cfg.strategy`. stats: StepStats with [b, l] fields; canvas / committed [b, l]; keys: position
-    keys [b, l] for "renoise" and "score". Returns (next canvas [b, l], committed [b, l], output canvas [b, l])."""
+    keys [b, l] for "renoise" and "score". `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]` (optional, a task's
+    rule checker) vetoes newly accepted tokens that break a hard constraint: they are renoised (or stay
+    uncommitted) instead of kept. Returns (next canvas [b, l], committed [b, l], output canvas [b, l])."""
     noise = noise_tokens(keys["renoise"], canvas.shape, vocab_size, mask_id)
     if cfg.strategy == "entropy_bound":
         accepted = entropy_bound_accept(stats.entropy, cfg.entropy_bound)
+        if guide is not None:
+            accepted = accepted & ~guide(stats.sample, accepted)
         return torch.where(accepted, stats.sample, noise), committed, stats.argmax
     free = ~committed
     if cfg.strategy == "threshold":
@@ -94,6 +98,8 @@ def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, ste
         k = (free.sum(-1) + steps_left - 1) // steps_left  # ceil(remaining / steps left) [b]
         new = select_topk(topk_scores(cfg.strategy, stats, keys["score"]), free, k)
     chosen = stats.sample if cfg.commit == "sample" else stats.argmax
+    if guide is not None:
+        new = new & ~guide(torch.where(committed, canvas, chosen), committed | new)
     committed = committed | new
     kept = torch.where(new, chosen, canvas)  # committed tokens (old ones are already in the canvas)
     return torch.where(committed, kept, noise), committed, torch.where(committed, kept, stats.argmax)

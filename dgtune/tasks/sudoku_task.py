@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
 
@@ -49,6 +51,38 @@ class SudokuTask:
     def canvas_template(self, row: dict) -> list[str | None]:
         """The givens in their canvas positions (known, never corrupted, clamped when sampling); None = blank."""
         return [ch if ch != "0" else None for ch in row["puzzle"]]
+
+    def peers(self) -> torch.Tensor:
+        """[n, n] bool: cells sharing a row, column or box (a cell is not its own peer)."""
+        n, (bh, bw) = self.size, sudoku.box_shape(self.size)
+        r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
+        box = (r // bh) * (n // bw) + c // bw
+        same = (r[:, None] == r[None]) | (c[:, None] == c[None]) | (box[:, None] == box[None])
+        return same & ~torch.eye(n * n, dtype=torch.bool)
+
+    def make_guide(self, tokenizer):
+        """A rule checker for verifier-guided sampling: `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]`
+        flags fixed cells whose digit repeats the digit of another fixed cell in its row, column or box."""
+        cells = self.size * self.size
+        digit_of = torch.zeros(len(tokenizer), dtype=torch.long)
+        for d in range(1, self.size + 1):
+            digit_of[tokenizer.convert_tokens_to_ids(str(d))] = d
+        peers = self.peers()
+
+        def guide(tokens: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+            d = digit_of.to(tokens.device)[tokens[:, :cells]] * fixed[:, :cells]  # [b, n*n], 0 = not fixed / no digit
+            clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & peers.to(tokens.device)  # [b, c, c]
+            reject = torch.zeros_like(fixed)
+            reject[:, :cells] = clash.any(-1)
+            return reject
+
+        return guide
+
+    def template_tensor(self, tokenizer, rows: list[dict]) -> torch.Tensor:
+        """Templates of `rows` as token ids [b, canvas_length] (-1 = free)."""
+        from dgtune.data import template_ids
+
+        return torch.tensor([template_ids(tokenizer, self.canvas_template(r), self.canvas_length) for r in rows])
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Rules first (`solved`), then the reference (`exact`, `cell_acc`)."""

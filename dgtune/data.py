@@ -17,6 +17,7 @@ def build_splits(task, sizes: dict[str, int], seed: int, cache_dir: str | Path |
     """Build train/val/test rows with `datasets`, cached under `cache_dir/<task>-<hash of key>/`."""
     import datasets
 
+    datasets.disable_progress_bars()
     digest = hashlib.sha256(json.dumps({**key, "sizes": sizes, "seed": seed, "version": DATA_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{task.name}-{digest}" if cache_dir else None
     if path is not None and (path / "dataset_dict.json").exists():

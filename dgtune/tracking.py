@@ -26,6 +26,8 @@ class Tracker:
                 id=resume_id, resume="allow" if resume_id else None,
             )
             self.run_id = self.wandb.id
+            info = {"project": cfg.project, "group": group, "id": self.run_id, "mode": mode}
+            (Path(run_dir) / "wandb_run.json").write_text(json.dumps(info, indent=2))
         elif cfg.kind != "none":
             raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
 

@@ -152,3 +152,15 @@ def test_merged_export_equals_base_plus_adapter(tiny):
     with torch.no_grad():
         out = merged(input_ids=ids, decoder_input_ids=canvas).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_base
+def test_sweep_runs_share_a_wandb_group(tmp_path):
+    proc = run_cli("dgtune.train", ["-m", "recipe=sudoku", "lora.r=4,8", "trainer.max_steps=1", "eval.at_end=false",
+                                    "eval.quick_every=0", "logger=wandb", *SMALL], tmp_path)
+    runs = sorted((tmp_path / "runs").glob("sudoku-*-j*"))
+    assert len(runs) == 2, proc.stdout[-2000:]
+    infos = [json.loads((run / "wandb_run.json").read_text()) for run in runs]
+    assert all(list((run / "wandb").glob("offline-run-*")) for run in runs)
+    assert infos[0]["group"] and infos[0]["group"] == infos[1]["group"] and infos[0]["id"] != infos[1]["id"]
+    assert {i["mode"] for i in infos} == {"offline"}

@@ -50,7 +50,9 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
     """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer)."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if cfg.source == "scratch":
         from dgtune.models.tiny import build_tiny_model
 

@@ -27,8 +27,9 @@ def _record(monkeypatch):
     """Record (canvas in, committed in, steps_left, canvas out, committed out, output) of every strategy step."""
     calls = []
 
-    def wrapped(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id):
-        nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id)
+    def wrapped(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id, guide=None):
+        nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id,
+                                                 guide)
         calls.append((canvas.clone(), committed.clone(), steps_left, nxt.clone(), com.clone(), out.clone()))
         return nxt, com, out
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 SPLITS = ("train", "val", "test")
-DATA_VERSION = 2  # bump when the rows a task builds change, to invalidate cached splits
+DATA_VERSION = 3  # bump when the rows a task builds change, to invalidate cached splits
 
 
 def build_splits(task, sizes: dict[str, int], seed: int, cache_dir: str | Path | None, key: dict) -> dict[str, list[dict]]:

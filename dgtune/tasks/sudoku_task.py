@@ -32,16 +32,19 @@ class SudokuTask:
         return rows
 
     def build_split(self, split: str, n: int, seed: int) -> list[dict]:
-        """Train: `n` puzzles over `train_givens`; val/test: `n` split evenly over the test buckets."""
+        """Train: `n` puzzles over `train_givens`; val/test: `n` split evenly over the test buckets. Each givens
+        value gets a pool of truly generated puzzles (up to 64 for train, 32 for val/test; fewer for tiny splits),
+        multiplied by symmetries."""
         s = seed * 1_000_003 + SPLIT_SEED[split]
         if split == "train":
             lo, hi = self.train_givens
-            return self._rows(sudoku.generate_puzzles(self.size, n, lo, hi, seed=s, base_per_givens=64))
+            return self._rows(sudoku.generate_puzzles(self.size, n, lo, hi, seed=s, base_per_givens=min(64, max(2, n // 4))))
         rows = []
         buckets = list(self.test_buckets.items())
         for i, (_, (lo, hi)) in enumerate(buckets):
             k = n // len(buckets) + (1 if i < n % len(buckets) else 0)
-            rows += self._rows(sudoku.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i, base_per_givens=32))
+            rows += self._rows(sudoku.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i,
+                                                       base_per_givens=min(32, max(2, k // 2))))
         return rows
 
     def load_test_file(self, path: str) -> list[dict]:

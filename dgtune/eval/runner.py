@@ -40,7 +40,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     groups = group_by_prompt_length(tokenizer, rows)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     records, timings = [], {}
-    use_template = getattr(task, "use_template", False)
+    templates = task.template_tensor(tokenizer, rows) if getattr(task, "use_template", False) else None  # [n, l]
     guide = task.make_guide(tokenizer) if guided else None
     for steps in steps_list:
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
@@ -54,7 +54,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 row_seeds = row_seeds_for(seed, chunk).to(device)  # fast mode: outputs independent of batch_size
                 t0 = time.perf_counter()
                 batch = prompts[start : start + batch_size].to(device)
-                template = task.template_tensor(tokenizer, [rows[i] for i in chunk]).to(device) if use_template else None
+                template = None if templates is None else templates[chunk].to(device)
                 res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds,
                              template=template, guide=guide)
                 seconds += time.perf_counter() - t0

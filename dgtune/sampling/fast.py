@@ -9,7 +9,10 @@ sampler, organised for speed and batch invariance.
   (`dgtune.sampling.stats.step_stats`, a Triton kernel on CUDA).
 - Random numbers are a counter-based hash of (row seed, canvas, step, purpose, position[, vocab id])
   (`dgtune.sampling.rng`): a row's tokens do not depend on the other rows of the batch.
-- The decoder gets a precomputed (empty) attention-mask mapping and position ids.
+- The decoder is `dgtune.sampling.fused_decoder.FusedDecoder` (`decoder="auto"|"fused"`): the same maths as
+  transformers' decoder with weights snapshotted once per call (LoRA folded in), fused q/k/v and gate/up matmuls,
+  bf16 matmuls where they are fast (`decoder_dtype`), expert-sorted MoE, the prompt cache cast once per canvas;
+  `decoder="transformers"` calls the model's own decoder with a precomputed (empty) attention-mask mapping.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from dgtune.diffusion.model_calls import decode, encode, unwrap
 from dgtune.sampling import rng
+from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported, resolve_dtype
 from dgtune.sampling.stats import StepStats, step_stats
 from dgtune.sampling.strategies import check_strategy, strategy_step, temperature
 
@@ -52,6 +56,24 @@ def resolve_mask_id(model, cfg) -> int | None:
     return int(mid)
 
 
+def build_decoder(model, cfg, device: torch.device) -> FusedDecoder | None:
+    """The fused decoder for `cfg.decoder` ("auto": fused unless the model needs a feature it lacks), or None
+    for transformers' decoder."""
+    if cfg.decoder not in ("auto", "fused", "transformers"):
+        raise ValueError(f"sampler.decoder must be auto, fused or transformers, got {cfg.decoder!r}")
+    if cfg.decoder == "transformers":
+        return None
+    try:
+        dec = FusedDecoder(model, resolve_dtype(cfg.decoder_dtype, device))
+    except FusedDecoderUnsupported:
+        if cfg.decoder == "fused":
+            raise
+        return None
+    if cfg.compile:
+        dec.compile()
+    return dec
+
+
 def _sync_every(cfg, device) -> int:
     return cfg.sync_every if cfg.sync_every > 0 else (1 if device.type == "cpu" else 4)
 
@@ -59,11 +81,11 @@ def _sync_every(cfg, device) -> int:
 @torch.no_grad()
 def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
                         cfg, position_offset: int, mask_id: int | None, template: torch.Tensor | None = None,
-                        guide=None):
+                        guide=None, fused: FusedDecoder | None = None):
     """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b]).
 
     template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
-    as committed. guide: see `strategies.strategy_step`."""
+    as committed. guide: see `strategies.strategy_step`. fused: a `FusedDecoder` (None: transformers' decoder)."""
     b, l, device = keys.shape[0], canvas_length, keys.device
     positions = torch.arange(position_offset, position_offset + l, device=device)[None]
     init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
@@ -81,10 +103,16 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     view, sc_logits, sync_every = cache, None, _sync_every(cfg, device)
     need_sample = cfg.strategy == "entropy_bound" or cfg.commit == "sample"
     embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
+    if fused is not None:
+        kv_all = fused.prepare_cache(cache)  # [(keys, values) [b, kvh, p, d]] in the compute dtype
+        kv, rope, embed_dtype = kv_all, fused.rope_tables(positions), torch.float32
     for i in range(cfg.max_steps):
         steps_left = cfg.max_steps - i
-        raw = decode(model, canvas, view, self_conditioning_logits=sc_logits, decoder_attention_mask=NO_MASKS,
-                     decoder_position_ids=positions)  # [a, l, v]
+        if fused is not None:
+            raw = fused(canvas, kv, rope, sc_logits)  # [a, l, v]
+        else:
+            raw = decode(model, canvas, view, self_conditioning_logits=sc_logits, decoder_attention_mask=NO_MASKS,
+                         decoder_position_ids=positions)  # [a, l, v]
         if mask_id is not None:
             raw[..., mask_id] = float("-inf")  # never predict [MASK]
         a = raw.shape[0]
@@ -132,7 +160,10 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
             rows, live = rows[keep], live[keep]
             canvas, committed, sc_logits = canvas[keep], committed[keep], sc_logits[keep]
             history = history[:, keep]
-            view = select_rows(cache, rows)
+            if fused is not None:
+                kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv_all]
+            else:
+                view = select_rows(cache, rows)
     return out, nfe
 
 
@@ -156,6 +187,7 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
         row_seeds = rng.row_seeds_from(generator, b)
     keys = rng.seed_keys(row_seeds.to(device))  # [b]
     mask_id = resolve_mask_id(model, cfg)
+    fused = build_decoder(model, cfg, device)
     cache, _ = encode(model, prompt_ids)
     tokens = torch.full((b, cfg.max_canvases * canvas_length), pad_id, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
@@ -163,7 +195,7 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     cur_len, n_canvases = p, 0
     for k in range(cfg.max_canvases):
         out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id,
-                                     template if k == 0 else None, guide if k == 0 else None)
+                                     template if k == 0 else None, guide if k == 0 else None, fused)
         tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
         nfe.index_add_(0, alive, n)
         n_canvases = k + 1

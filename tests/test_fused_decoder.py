@@ -1,0 +1,88 @@
+"""The fused decoder computes transformers' DiffusionGemma decoder logits (base and base + LoRA), and the fast
+sampler gives the same tokens through it as through transformers' decoder."""
+
+import copy
+
+import pytest
+import torch
+
+from dgtune.config import compose
+from dgtune.diffusion.model_calls import decode, encode
+from dgtune.sampling.fast import NO_MASKS, build_decoder
+from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported
+from dgtune.sampling.sampler import SamplerConfig, sample
+from dgtune.train import apply_lora
+
+
+def _inputs(model, b=3, p=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, canvas_len = model.config.text_config.vocab_size, model.config.canvas_length
+    prompts = torch.randint(7, 40, (b, p), generator=g)
+    canvas = torch.randint(0, v, (b, canvas_len), generator=g)
+    sc = 3 * torch.randn(b, canvas_len, v, generator=g)
+    return prompts, canvas, sc
+
+
+def _lora_model(model, seed=0):
+    lora = apply_lora(copy.deepcopy(model), compose(["recipe=sudoku"]).lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:  # peft initialises B to zero: make the adapter change the outputs
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return lora.eval()
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_fused_logits_match_transformers(tiny, with_lora):
+    model, _ = tiny
+    model = _lora_model(model) if with_lora else model
+    prompts, canvas, sc = _inputs(model)
+    positions = torch.arange(prompts.shape[1], prompts.shape[1] + canvas.shape[1])[None]
+    fused = FusedDecoder(model, torch.float32)
+    with torch.no_grad():
+        cache, _ = encode(model, prompts)
+        kv, rope = fused.prepare_cache(cache), fused.rope_tables(positions)
+        for sc_logits in (None, sc):
+            ref = decode(model, canvas, cache, sc_logits, decoder_attention_mask=NO_MASKS,
+                         decoder_position_ids=positions)
+            torch.testing.assert_close(fused(canvas, kv, rope, sc_logits), ref, atol=1e-4, rtol=1e-4)
+        if with_lora:  # the adapter matters, and the fused decoder reads it
+            base = FusedDecoder(tiny[0], torch.float32)(canvas, kv, rope, sc)
+            assert (base - ref).abs().max() > 1e-2
+        half = FusedDecoder(model, torch.bfloat16)
+        bf16 = half(canvas, half.prepare_cache(cache), rope, sc)
+        assert bf16.dtype == torch.float32
+        assert (bf16.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_fast_sampler_same_tokens_through_both_decoders(tiny):
+    model, tok = tiny
+    model = _lora_model(model, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)  # confident logits: steps accept tokens, rows stop at different steps
+    try:
+        prompts, _, _ = _inputs(model, b=6, seed=2)
+        seeds = torch.arange(6) * 11 + 5
+        outs = {}
+        for dec in ("transformers", "fused"):
+            cfg = SamplerConfig(mode="fast", max_steps=12, decoder=dec, decoder_dtype="float32")
+            outs[dec] = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.div_(6.0)
+    assert torch.equal(outs["fused"].tokens, outs["transformers"].tokens)
+    assert torch.equal(outs["fused"].nfe, outs["transformers"].nfe)
+
+
+def test_unsupported_model_falls_back(tiny):
+    model, _ = tiny
+    odd = copy.deepcopy(model)
+    odd.config.text_config.attn_logit_softcapping = 50.0
+    with pytest.raises(FusedDecoderUnsupported, match="soft-capping"):
+        FusedDecoder(odd)
+    assert build_decoder(odd, SamplerConfig(mode="fast", decoder="auto"), torch.device("cpu")) is None
+    with pytest.raises(FusedDecoderUnsupported):
+        build_decoder(odd, SamplerConfig(mode="fast", decoder="fused"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="sampler.decoder"):
+        build_decoder(model, SamplerConfig(mode="fast", decoder="onnx"), torch.device("cpu"))

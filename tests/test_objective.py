@@ -85,3 +85,36 @@ def test_without_ar_loss_only_prompts_are_encoded_and_loss_is_unchanged(tiny):
     diff, _ = _reference_loss(model, batch, 5, vocab)
     assert "ar_loss" not in ours
     torch.testing.assert_close(ours["loss"].detach(), diff.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_loo_posterior_and_loss(tiny):
+    from dgtune.diffusion.objective import loo_to_denoiser_logits
+
+    # posterior in probability space, written out: p(x) = pi(x) q(y|x) / sum_x' pi(x') q(y|x')
+    g = torch.Generator().manual_seed(0)
+    loo = torch.randn(2, 3, 5, generator=g)
+    noisy = torch.tensor([[0, 4, 2], [1, 1, 3]])
+    t = torch.tensor([0.2, 0.9])
+    pi = loo.softmax(-1)
+    q = torch.stack([torch.stack([torch.tensor([(1 - t[b]) * (x == noisy[b, i]) + t[b] / 5 for x in range(5)])
+                                  for i in range(3)]) for b in range(2)])
+    expected = pi * q / (pi * q).sum(-1, keepdim=True)
+    torch.testing.assert_close(loo_to_denoiser_logits(loo, noisy, t).softmax(-1), expected)
+
+    # the training loss with prediction=mean_loo is the CE of that posterior (same draws as the released loss)
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    vocab = model.config.text_config.vocab_size
+    base = denoising_loss(model, batch, ObjectiveConfig(ar_weight=0.0), torch.Generator().manual_seed(3), vocab, None)
+    loo_loss = denoising_loss(model, batch, ObjectiveConfig(ar_weight=0.0, prediction="mean_loo"),
+                              torch.Generator().manual_seed(3), vocab, None)
+    assert torch.isfinite(loo_loss["loss"]) and not torch.isclose(loo_loss["loss"], base["loss"])
+    # the observed token adds evidence (kept with prob. 1 - t): for this random model the CE drops
+    assert float(loo_loss["loss"]) < float(base["loss"])
+    try:
+        denoising_loss(model, batch, ObjectiveConfig(kind="masked", prediction="mean_loo"),
+                       torch.Generator().manual_seed(3), vocab, tok.mask_token_id)
+    except ValueError as e:
+        assert "mean_loo" in str(e)
+    else:
+        raise AssertionError("mean_loo with masked noise must be rejected")

@@ -11,6 +11,7 @@ from dgtune.diffusion.objective import (
     corrupt_masked,
     corrupt_uniform,
     flat_canvas_loss,
+    loo_to_denoiser_logits,
     masked_canvas_loss,
     sample_noise_level,
 )
@@ -31,6 +32,9 @@ def denoising_loss(
     l = clean.shape[1]
     device = input_ids.device
 
+    if cfg.prediction not in ("denoiser", "mean_loo") or (cfg.prediction == "mean_loo" and cfg.kind != "uniform"):
+        raise ValueError(f"objective.prediction={cfg.prediction!r} with kind={cfg.kind!r}: expected 'denoiser', or "
+                         "'mean_loo' with uniform noise (for [MASK] noise the two coincide)")
     t = sample_noise_level(b, cfg.eps, generator, device)  # [b]
     if cfg.kind == "uniform":
         noisy, corrupted = corrupt_uniform(clean, t, vocab_size, generator, keep)
@@ -70,6 +74,8 @@ def denoising_loss(
 
     weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
     if cfg.kind == "uniform":
+        if cfg.prediction == "mean_loo":  # the decoder predicts the leave-one-out posterior
+            logits = loo_to_denoiser_logits(logits, noisy, t)
         diff = flat_canvas_loss(logits, clean, weight)
     else:
         diff = masked_canvas_loss(logits, clean, corrupted, t, weight)

@@ -6,6 +6,10 @@ per-example noise level t ~ U(eps, 1 - eps):
 
 - "uniform" (released DiffusionGemma recipe): each position is replaced by a uniformly random token with
   probability t; flat mean cross-entropy over the whole canvas.
+  With `prediction="mean_loo"` the decoder's output is read as the leave-one-out posterior pi_i (each clean
+  token predicted without its own noisy observation y_i, Gourevitch et al. 2026, arXiv 2605.22765, TRL's
+  `model_prediction_type=mean_loo`); the loss is the cross-entropy of the denoising posterior it implies,
+  p(x0_i = x | x_t) ∝ pi_i(x) q(y_i | x) with q(y | x) = (1 - t) 1[x = y] + t / V.
 - "masked" (LLaDA/MDLM-style): each position is replaced by [MASK] with probability t; cross-entropy on the
   masked positions only, weighted by 1/t, averaged over canvas positions.
 
@@ -27,6 +31,7 @@ class ObjectiveConfig:
     """Knobs of the denoising objective (mirrors `configs/objective/*.yaml`)."""
 
     kind: str = "uniform"  # "uniform" | "masked"
+    prediction: str = "denoiser"  # uniform noise: "denoiser" (released) | "mean_loo" (leave-one-out posterior)
     eps: float = 1e-4
     self_cond_p: float = 0.5
     ar_weight: float = 1.0
@@ -63,6 +68,20 @@ def corrupt_masked(
     if keep is not None:
         corrupted = corrupted & ~keep
     return torch.where(corrupted, torch.full_like(clean, mask_id), clean), corrupted
+
+
+def loo_to_denoiser_logits(loo_logits: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Unnormalised log denoising posterior from leave-one-out logits, under uniform noise at level t.
+
+    log p(x0 = x | x_t) = loo_logits[x] + log q(y | x) + const, q(y | x) = (1 - t) 1[x = y] + t / V.
+    loo_logits [b, l, v] (float), noisy [b, l] (the observed tokens y), t [b]. Returns [b, l, v].
+    """
+    v = loo_logits.shape[-1]
+    t = t.to(loo_logits.dtype)[:, None, None]  # [b, 1, 1]
+    log_other = torch.log(t / v)  # y != x: only a random draw that landed on y
+    log_same = torch.log((1 - t) + t / v)  # y == x: kept, or redrawn as itself
+    observed = F.one_hot(noisy, v).bool()  # [b, l, v]
+    return loo_logits + torch.where(observed, log_same, log_other)
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ sampler, organised for speed and batch invariance.
   (`dgtune.sampling.rng`): a row's tokens do not depend on the other rows of the batch.
 - The decoder is `dgtune.sampling.fused_decoder.FusedDecoder` (`decoder="auto"|"fused"`): the same maths as
   transformers' decoder with weights snapshotted once per call (LoRA folded in), fused q/k/v and gate/up matmuls,
-  bf16 matmuls where they are fast (`decoder_dtype`), expert-sorted MoE, the prompt cache cast once per canvas;
+  optional bf16 matmuls (`decoder_dtype`), expert-sorted MoE, the prompt cache cast once per canvas;
   `decoder="transformers"` calls the model's own decoder with a precomputed (empty) attention-mask mapping.
 """
 
@@ -64,7 +64,8 @@ def build_decoder(model, cfg, device: torch.device) -> FusedDecoder | None:
     if cfg.decoder == "transformers":
         return None
     try:
-        dec = FusedDecoder(model, resolve_dtype(cfg.decoder_dtype, device))
+        model_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
+        dec = FusedDecoder(model, resolve_dtype(cfg.decoder_dtype, model_dtype, device))
     except FusedDecoderUnsupported:
         if cfg.decoder == "fused":
             raise

@@ -4,8 +4,9 @@ The same maths as `DiffusionGemmaDecoderModel` + LM head (tests/test_fused_decod
 for sampling, where the decoder runs on the same prompt cache dozens of times:
 
 - weights are read once per `sample()` call: LoRA deltas are folded into copies of the adapted linears (the model is
-  untouched), q/k/v and the dense MLP's gate/up become one matmul each, and the weights are cast to the compute
-  dtype once (bf16 on CPUs with AVX512-BF16/AMX and on GPUs that support it, else fp32; `decoder_dtype`);
+  untouched), q/k/v and the dense MLP's gate/up become one matmul each, and the weights are cast once to the
+  matmul dtype (`decoder_dtype`: the model's own by default; "bfloat16", or "fast" = bf16 on CPUs with
+  AVX512-BF16/AMX and GPUs that support it);
 - the residual stream, norms, router, softmaxes and logits stay in fp32; only matmul inputs are cast;
 - the prompt KV cache is cast once per canvas, rotary tables are computed once per canvas;
 - MoE: tokens are sorted by expert once per layer and each expert runs one matmul pair on a contiguous slice
@@ -45,10 +46,13 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype for `decoder_dtype` ("auto" | "float32" | "bfloat16")."""
+def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Matmul dtype for `decoder_dtype`: "auto" = the model's own dtype (same maths as transformers' decoder),
+    "bfloat16" / "float32" = that dtype, "fast" = bf16 where bf16 matmuls are fast (`bf16_is_fast`), else auto."""
     if name == "auto":
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+        return model_dtype
+    if name == "fast":
+        return torch.bfloat16 if bf16_is_fast(device) else model_dtype
     if name in ("float32", "bfloat16"):
         return getattr(torch, name)
     raise ValueError(f"decoder_dtype must be auto, float32 or bfloat16, got {name!r}")
@@ -251,7 +255,7 @@ class FusedDecoder:
 
 def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x [m, in] grouped by expert (counts [E], in order) times their expert's weights [E, out, in]."""
-    if hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+    if hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:  # (fp32 grouped_mm is slower on CPU)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, weights.transpose(1, 2), offs=offs)
     outs, start = [], 0

@@ -48,7 +48,7 @@ class SamplerConfig:
     sync_every: int = 0  # fast mode: retire finished rows every N steps (0: 1 on CPU, 4 on accelerators)
     stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
     decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)
-    decoder_dtype: str = "auto"  # fused decoder matmul dtype: "auto" (bf16 where it is fast) | "float32" | "bfloat16"
+    decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
     compile: bool = False  # fast mode: torch.compile the fused decoder's layers (pays off over long evals)
 
 

@@ -33,10 +33,23 @@ def _lora_model(model, seed=0):
     return lora.eval()
 
 
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_fused_logits_match_transformers(tiny, with_lora):
+@pytest.fixture(scope="module")
+def mixed_layers():
+    """A tiny model whose decoder has a sliding-window layer (with its own v_proj and rope) and a full layer."""
+    from dgtune.models.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(seed=1, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                moe_intermediate_size=32, canvas_length=24,
+                                layer_types=["sliding_attention", "full_attention"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["base", "lora", "mixed_layers"])
+def test_fused_logits_match_transformers(tiny, mixed_layers, variant):
     model, _ = tiny
-    model = _lora_model(model) if with_lora else model
+    model = {"base": model, "lora": _lora_model(model) if variant == "lora" else None,
+             "mixed_layers": mixed_layers}[variant]
+    with_lora = variant == "lora"
     prompts, canvas, sc = _inputs(model)
     positions = torch.arange(prompts.shape[1], prompts.shape[1] + canvas.shape[1])[None]
     fused = FusedDecoder(model, torch.float32)
@@ -60,19 +73,20 @@ def test_fast_sampler_same_tokens_through_both_decoders(tiny):
     model, tok = tiny
     model = _lora_model(model, seed=1)
     with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)  # confident logits: steps accept tokens, rows stop at different steps
+        model.lm_head.weight.mul_(30.0)  # confident logits: steps accept tokens, rows stop at different steps
     try:
-        prompts, _, _ = _inputs(model, b=6, seed=2)
-        seeds = torch.arange(6) * 11 + 5
+        prompts, _, _ = _inputs(model, b=16, seed=2)
+        seeds = torch.arange(16) * 11 + 5
         outs = {}
         for dec in ("transformers", "fused"):
-            cfg = SamplerConfig(mode="fast", max_steps=12, decoder=dec, decoder_dtype="float32")
+            cfg = SamplerConfig(mode="fast", max_steps=8, decoder=dec, decoder_dtype="float32")
             outs[dec] = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds)
     finally:
         with torch.no_grad():
-            model.lm_head.weight.div_(6.0)
+            model.lm_head.weight.div_(30.0)
     assert torch.equal(outs["fused"].tokens, outs["transformers"].tokens)
     assert torch.equal(outs["fused"].nfe, outs["transformers"].nfe)
+    assert outs["fused"].nfe.min() < outs["fused"].nfe.max()  # rows stopped at different steps (retired rows)
 
 
 def test_unsupported_model_falls_back(tiny):

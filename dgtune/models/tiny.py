@@ -65,8 +65,9 @@ def build_tiny_config(
     top_k_experts: int = 2,
     moe_intermediate_size: int = 160,
     canvas_length: int = 88,
+    layer_types: list[str] | None = None,
 ) -> DiffusionGemmaConfig:
-    """Return a small `DiffusionGemmaConfig` (all full-attention layers, tiny vision stub)."""
+    """Return a small `DiffusionGemmaConfig` (all full-attention layers unless `layer_types`, tiny vision stub)."""
     text = DiffusionGemmaTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -80,7 +81,7 @@ def build_tiny_config(
         num_experts=num_experts,
         top_k_experts=top_k_experts,
         moe_intermediate_size=moe_intermediate_size,
-        layer_types=["full_attention"] * num_hidden_layers,
+        layer_types=list(layer_types or ["full_attention"] * num_hidden_layers),
         max_position_embeddings=1024,
         pad_token_id=0,
         eos_token_id=1,

@@ -13,7 +13,8 @@ for sampling, where the decoder runs on the same prompt cache dozens of times:
   (transformers loops with boolean masks and advanced indexing);
 - no attention-mask objects, no output dataclasses, no hooks.
 
-Unsupported variants (clipped linears, attention soft-capping, sliding-window layers, LoRA on the experts) raise
+Sliding-window layers attend to whatever the encoder cache holds for them, as transformers' decoder does without a
+mask. Unsupported variants (clipped linears, attention soft-capping, LoRA on the experts) raise
 `FusedDecoderUnsupported`; `decoder="auto"` then falls back to the transformers decoder.
 """
 
@@ -125,13 +126,13 @@ class FusedDecoder:
             raise FusedDecoderUnsupported("clipped linears")
         if getattr(tc, "attn_logit_softcapping", None) is not None:
             raise FusedDecoderUnsupported("attention logit soft-capping")
-        if any(t != "full_attention" for t in tc.layer_types[: tc.num_hidden_layers]):
-            raise FusedDecoderUnsupported("sliding-window decoder layers")
+        self.layer_types = list(tc.layer_types[: tc.num_hidden_layers])
+        if not set(self.layer_types) <= {"full_attention", "sliding_attention"}:
+            raise FusedDecoderUnsupported(f"layer types {sorted(set(self.layer_types))}")
         self.dtype, self.eps, self.top_k = dtype, tc.rms_norm_eps, tc.top_k_experts
         self.act = dec.layers[0].mlp.act_fn
         self.final_softcap = tc.final_logit_softcapping
         self.rotary_emb = dec.rotary_emb
-        self.layer_type = tc.layer_types[0]
         f32 = torch.float32
         with torch.no_grad():
             emb = dec.embed_tokens
@@ -184,16 +185,19 @@ class FusedDecoder:
         return [(cache.layers[i].keys.to(self.dtype), cache.layers[i].values.to(self.dtype))
                 for i in range(len(self.layers))]
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [1, l, 1, d] (fp32) for canvas positions [1, l]."""
-        cos, sin = self.rotary_emb(self.embed[:1], positions, self.layer_type)
-        return cos[:, :, None], sin[:, :, None]
+    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer type, cos, sin [1, l, 1, d] (fp32) for canvas positions [1, l]."""
+        tables = {}
+        for lt in set(self.layer_types):
+            cos, sin = self.rotary_emb(self.embed[:1], positions, lt)
+            tables[lt] = (cos[:, :, None], sin[:, :, None])
+        return tables
 
-    def __call__(self, canvas: torch.Tensor, kv: list, rope: tuple, sc_logits: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, canvas: torch.Tensor, kv: list, rope: dict, sc_logits: torch.Tensor | None) -> torch.Tensor:
         """See `forward`."""
         return self.forward(canvas, kv, rope, sc_logits)
 
-    def forward(self, canvas: torch.Tensor, kv: list, rope: tuple, sc_logits: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, canvas: torch.Tensor, kv: list, rope: dict, sc_logits: torch.Tensor | None) -> torch.Tensor:
         """Soft-capped fp32 logits [b, l, v] for canvas [b, l] against kv (`prepare_cache`), rope (`rope_tables`)
         and the previous step's self-conditioning logits [b, l, v] (None on the first step)."""
         b, l = canvas.shape
@@ -204,9 +208,8 @@ class FusedDecoder:
             g, u = F.linear(_rms(soft, self.sc_pre, self.eps).to(dt), self.sc_gate_up).chunk(2, -1)
             x = x + F.linear(self.act(g) * u, self.sc_down).float()
         x = _rms(x, None, self.eps)
-        cos, sin = rope
-        for layer, (pk, pv) in zip(self.layers, kv):
-            x = self._block(layer, x, pk, pv, cos, sin)
+        for layer, lt, (pk, pv) in zip(self.layers, self.layer_types, kv):
+            x = self._block(layer, x, pk, pv, *rope[lt])
         h = _rms(x, self.norm, self.eps)
         return softcap(F.linear(h.to(dt), self.lm_head).float(), self.final_softcap)
 

@@ -100,3 +100,16 @@ def test_unsupported_model_falls_back(tiny):
         build_decoder(odd, SamplerConfig(mode="fast", decoder="fused"), torch.device("cpu"))
     with pytest.raises(ValueError, match="sampler.decoder"):
         build_decoder(model, SamplerConfig(mode="fast", decoder="onnx"), torch.device("cpu"))
+
+
+def test_decoder_is_reused_until_weights_change(tiny):
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    cfg, cpu = SamplerConfig(mode="fast"), torch.device("cpu")
+    first = build_decoder(model, cfg, cpu)
+    assert build_decoder(model, cfg, cpu) is first
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+    second = build_decoder(model, cfg, cpu)
+    assert second is not first and torch.equal(second.lm_head, model.lm_head.weight)
+    assert build_decoder(model, SamplerConfig(mode="fast", decoder_dtype="bfloat16"), cpu) is not second

@@ -58,20 +58,27 @@ def resolve_mask_id(model, cfg) -> int | None:
 
 def build_decoder(model, cfg, device: torch.device) -> FusedDecoder | None:
     """The fused decoder for `cfg.decoder` ("auto": fused unless the model needs a feature it lacks), or None
-    for transformers' decoder."""
+    for transformers' decoder. It is kept on the model and reused while no parameter has changed (their in-place
+    version counters, which optimizer steps bump) and the dtype / compile settings are the same."""
     if cfg.decoder not in ("auto", "fused", "transformers"):
         raise ValueError(f"sampler.decoder must be auto, fused or transformers, got {cfg.decoder!r}")
     if cfg.decoder == "transformers":
         return None
+    core = unwrap(model)
+    dtype = resolve_dtype(cfg.decoder_dtype, core.model.decoder.embed_tokens.weight.dtype, device)
+    key = (dtype, bool(cfg.compile), tuple(p._version for p in model.parameters()))
+    cached = getattr(core, "_dgtune_fused_decoder", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     try:
-        model_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
-        dec = FusedDecoder(model, resolve_dtype(cfg.decoder_dtype, model_dtype, device))
+        dec = FusedDecoder(model, dtype)
     except FusedDecoderUnsupported:
         if cfg.decoder == "fused":
             raise
         return None
     if cfg.compile:
         dec.compile()
+    core._dgtune_fused_decoder = (key, dec)
     return dec
 
 

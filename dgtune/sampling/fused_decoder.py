@@ -13,6 +13,10 @@ for sampling, where the decoder runs on the same prompt cache dozens of times:
   (transformers loops with boolean masks and advanced indexing);
 - no attention-mask objects, no output dataclasses, no hooks.
 
+Memory: the fused q/k/v and gate/up weights (and LoRA-folded linears) are copies, i.e. one extra copy of the
+decoder's attention and dense-MLP weights while the sampler is in use (`dgtune.sampling.fast.build_decoder` keeps
+it on the model until a parameter changes); `sampler.decoder=transformers` avoids it where memory is tight.
+
 Sliding-window layers attend to whatever the encoder cache holds for them, as transformers' decoder does without a
 mask. Unsupported variants (clipped linears, attention soft-capping, LoRA on the experts) raise
 `FusedDecoderUnsupported`; `decoder="auto"` then falls back to the transformers decoder.

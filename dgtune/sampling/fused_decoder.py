@@ -253,7 +253,8 @@ class FusedDecoder:
         flat = idx.reshape(-1)  # [n k]
         order = torch.argsort(flat, stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=p.experts_down.shape[0])  # [E]
+        e = p.experts_down.shape[0]
+        counts = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         xs = _rms(x, p.ln_pre_ff2, self.eps).to(self.dtype).index_select(0, token)  # [n k, H], sorted by expert
         g, u = _grouped_linear(xs, p.experts_gate_up, counts).chunk(2, -1)
         ys = _grouped_linear(self.act(g) * u, p.experts_down, counts).float() * w.reshape(-1)[order, None]

@@ -202,3 +202,42 @@ def test_multi_canvas_fast(tiny):
         w = one.tokens.shape[1]
         assert torch.equal(one.tokens[0], big.tokens[i, :w]) and (big.tokens[i, w:] == tok.pad_token_id).all()
         assert one.nfe[0] == big.nfe[i]
+
+
+def test_mean_loo_prediction_is_converted_at_the_canvas_noise_level(tiny, monkeypatch):
+    """prediction="mean_loo": the decoder output is turned into the denoiser posterior with t = share of noise
+    positions (1 on the first step: all noise, so the leave-one-out logits pass unchanged)."""
+    from omegaconf import OmegaConf
+
+    from dgtune.diffusion.objective import loo_to_denoiser_logits
+    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling import sampler as sampler_mod
+
+    model, tok = tiny
+    seen = []
+    orig = fast.step_stats
+
+    def spy(logits, t, **kw):
+        seen.append(logits.clone())
+        return orig(logits, t, **kw)
+
+    monkeypatch.setattr(fast, "step_stats", spy)
+    prompts, seeds = _prompts(2), torch.tensor([3, 4])
+    outs = {}
+    for pred in ("denoiser", "mean_loo"):
+        seen.clear()
+        cfg = SamplerConfig(mode="fast", max_steps=3, prediction=pred, sync_every=1000)
+        outs[pred] = (sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds),
+                      [x.clone() for x in seen])
+    (_, den), (_, loo) = outs["denoiser"], outs["mean_loo"]
+    torch.testing.assert_close(loo[0].log_softmax(-1), den[0].log_softmax(-1))  # step 1: t = 1, q(y | x) is flat
+    assert not torch.allclose(loo[1].log_softmax(-1), den[1].log_softmax(-1))  # later: kept tokens add evidence
+    assert not sampler_mod.uses_reference(SamplerConfig(prediction="mean_loo"))
+    with pytest.raises(ValueError, match="prediction"):
+        sampler_mod.uses_reference(SamplerConfig(prediction="x0"))
+    cfg = OmegaConf.create({"sampler": {"name": "entropy_bound", "strategy": "entropy_bound"},
+                            "objective": {"prediction": "mean_loo"}})
+    assert sampler_config(cfg).prediction == "mean_loo"
+    v = 5
+    t1 = loo_to_denoiser_logits(torch.zeros(1, 1, v), torch.tensor([[2]]), torch.tensor([1.0]))
+    assert torch.allclose(t1.softmax(-1), torch.full((1, 1, v), 1 / v))

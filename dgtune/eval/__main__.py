@@ -25,10 +25,12 @@ EVAL_DEFAULT_MODE = "fast"  # sampler mode when the config does not set one (run
 
 
 def sampler_config(cfg: DictConfig, tokenizer=None) -> SamplerConfig:
-    """SamplerConfig from `cfg.sampler` (the `name` key is a label, not a setting); `mode` defaults to fast and,
-    with noise "mask", `mask_token_id` to the tokenizer's."""
+    """SamplerConfig from `cfg.sampler` (the `name` key is a label, not a setting); `mode` defaults to fast,
+    `prediction` follows `cfg.objective.prediction` and, with noise "mask", `mask_token_id` is the tokenizer's."""
     d = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "name"}
     d.setdefault("mode", EVAL_DEFAULT_MODE)
+    if "objective" in cfg:  # what the decoder outputs is fixed by how the model was trained
+        d["prediction"] = cfg.objective.get("prediction", "denoiser")
     if d.get("noise") == "mask" and d.get("mask_token_id") is None and tokenizer is not None:
         d["mask_token_id"] = tokenizer.mask_token_id
     return SamplerConfig(**d)

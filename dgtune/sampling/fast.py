@@ -22,6 +22,7 @@ import copy
 import torch
 
 from dgtune.diffusion.model_calls import decode, encode, unwrap
+from dgtune.diffusion.objective import loo_to_denoiser_logits
 from dgtune.sampling import rng
 from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported, resolve_dtype
 from dgtune.sampling.stats import StepStats, step_stats
@@ -100,9 +101,11 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     all_step_keys = rng.step_keys(keys, canvas_idx, cfg.max_steps)  # [b, steps, purposes]
     canvas = rng.randint(init_keys, vocab_size) if mask_id is None else torch.full((b, l), mask_id, device=device)
     committed = torch.zeros(b, l, dtype=torch.bool, device=device)
+    kept = committed  # positions of the current canvas that are not noise (for prediction="mean_loo")
     known = None if template is None else template >= 0  # [b, l]
     if known is not None:
         canvas, committed = torch.where(known, template, canvas), known.clone()
+        kept = committed
     out = torch.empty(b, l, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
     rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
@@ -123,6 +126,9 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
                          decoder_position_ids=positions)  # [a, l, v]
         if mask_id is not None:
             raw[..., mask_id] = float("-inf")  # never predict [MASK]
+        if cfg.prediction == "mean_loo":  # leave-one-out output -> denoiser posterior at the canvas' noise level
+            t_row = (1.0 - kept.float().mean(-1)).clamp(1e-4, 1.0)  # [a] share of positions that are noise
+            raw = loo_to_denoiser_logits(raw, canvas, t_row)
         a = raw.shape[0]
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
@@ -140,6 +146,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         step_guide = guide if tmpl is None or guide is None else (lambda tok, fixed: guide(tok, fixed | tmpl[1]) & ~tmpl[1])
         canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id,
                                                   step_guide)
+        # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples
+        kept = committed if cfg.strategy != "entropy_bound" else committed | (canvas == st.sample)
         if tmpl is not None:
             canvas, output = torch.where(tmpl[1], tmpl[0], canvas), torch.where(tmpl[1], tmpl[0], output)
         nfe.index_add_(0, rows, live.float())
@@ -166,7 +174,7 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
             break
         if keep.numel() < a:
             rows, live = rows[keep], live[keep]
-            canvas, committed, sc_logits = canvas[keep], committed[keep], sc_logits[keep]
+            canvas, committed, kept, sc_logits = canvas[keep], committed[keep], kept[keep], sc_logits[keep]
             history = history[:, keep]
             if fused is not None:
                 kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv_all]

@@ -49,6 +49,7 @@ class SamplerConfig:
     stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
     decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)
     decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
+    prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo" (leave-one-out posterior)
     compile: bool = False  # fast mode: torch.compile the fused decoder's layers (pays off over long evals)
 
 
@@ -128,7 +129,10 @@ def uses_reference(cfg: SamplerConfig) -> bool:
     """True when `cfg` runs the generate()-mirroring loop below (mode "reference", entropy_bound, uniform noise)."""
     if cfg.mode not in ("reference", "fast"):
         raise ValueError(f"sampler mode must be 'reference' or 'fast', got {cfg.mode!r}")
-    return cfg.mode == "reference" and cfg.strategy == "entropy_bound" and cfg.noise == "uniform"
+    if cfg.prediction not in ("denoiser", "mean_loo"):
+        raise ValueError(f"sampler prediction must be 'denoiser' or 'mean_loo', got {cfg.prediction!r}")
+    return (cfg.mode == "reference" and cfg.strategy == "entropy_bound" and cfg.noise == "uniform"
+            and cfg.prediction == "denoiser")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ sampler, organised for speed and batch invariance.
 - Random numbers are a counter-based hash of (row seed, canvas, step, purpose, position[, vocab id])
   (`dgtune.sampling.rng`): a row's tokens do not depend on the other rows of the batch.
 - The decoder is `dgtune.sampling.fused_decoder.FusedDecoder` (`decoder="auto"|"fused"`): the same maths as
-  transformers' decoder with weights snapshotted once per call (LoRA folded in), fused q/k/v and gate/up matmuls,
+  transformers' decoder with weights snapshotted once (LoRA folded in; rebuilt when a parameter changes), fused q/k/v and gate/up matmuls,
   optional bf16 matmuls (`decoder_dtype`), expert-sorted MoE, the prompt cache cast once per canvas;
   `decoder="transformers"` calls the model's own decoder with a precomputed (empty) attention-mask mapping.
 """
@@ -101,11 +101,10 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     all_step_keys = rng.step_keys(keys, canvas_idx, cfg.max_steps)  # [b, steps, purposes]
     canvas = rng.randint(init_keys, vocab_size) if mask_id is None else torch.full((b, l), mask_id, device=device)
     committed = torch.zeros(b, l, dtype=torch.bool, device=device)
-    kept = committed  # positions of the current canvas that are not noise (for prediction="mean_loo")
     known = None if template is None else template >= 0  # [b, l]
     if known is not None:
         canvas, committed = torch.where(known, template, canvas), known.clone()
-        kept = committed
+    kept = committed  # positions of the current canvas that are not noise (read by prediction="mean_loo")
     out = torch.empty(b, l, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
     rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
@@ -147,7 +146,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id,
                                                   step_guide)
         # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples
-        kept = committed if cfg.strategy != "entropy_bound" else committed | (canvas == st.sample)
+        if cfg.prediction == "mean_loo":
+            kept = committed if cfg.strategy != "entropy_bound" else committed | (canvas == st.sample)
         if tmpl is not None:
             canvas, output = torch.where(tmpl[1], tmpl[0], canvas), torch.where(tmpl[1], tmpl[0], output)
         nfe.index_add_(0, rows, live.float())

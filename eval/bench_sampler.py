@@ -1,7 +1,7 @@
 """Benchmark: dgtune's fast sampler against transformers' `DiffusionGemmaForBlockDiffusion.generate()` (not a test).
 
     python eval/bench_sampler.py [--run RUN_DIR] [--size 9|4] [--quick] [--reps 3] [--n-single 8] [--threads 1]
-                                 [--sampler NAME] [--decoder auto|fused|transformers] [--dtype auto|float32|bfloat16]
+                                 [--sampler NAME] [--decoder auto|fused|transformers] [--dtype auto|fast|float32|bfloat16]
                                  [--compile]
 
 Loads the bundled tiny DiffusionGemma (or a fresh random one when the bundled weights are missing), optionally a
@@ -152,7 +152,7 @@ def main(argv=None) -> str:
     ap.add_argument("--size", type=int, default=9, choices=(9, 4), help="Sudoku size of the prompts (4: use --run "
                     "with a 4x4 adapter, a model that solves puzzles, to check accuracy)")
     ap.add_argument("--decoder", help="override sampler.decoder (auto | fused | transformers)")
-    ap.add_argument("--dtype", help="override sampler.decoder_dtype (auto | float32 | bfloat16)")
+    ap.add_argument("--dtype", help="override sampler.decoder_dtype (auto | fast | float32 | bfloat16)")
     ap.add_argument("--compile", action="store_true", help="sampler.compile=true (torch.compile the fused decoder)")
     args = ap.parse_args(argv)
     from dgtune.eval.__main__ import load_group

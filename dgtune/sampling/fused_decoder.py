@@ -3,7 +3,7 @@
 The same maths as `DiffusionGemmaDecoderModel` + LM head (tests/test_fused_decoder.py compares the logits), laid out
 for sampling, where the decoder runs on the same prompt cache dozens of times:
 
-- weights are read once per `sample()` call: LoRA deltas are folded into copies of the adapted linears (the model is
+- weights are read once (and again only after a parameter changes, `fast.build_decoder`): LoRA deltas are folded into copies of the adapted linears (the model is
   untouched), q/k/v and the dense MLP's gate/up become one matmul each, and the weights are cast once to the
   matmul dtype (`decoder_dtype`: the model's own by default; "bfloat16", or "fast" = bf16 on CPUs with
   AVX512-BF16/AMX and GPUs that support it);
@@ -60,7 +60,7 @@ def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> 
         return torch.bfloat16 if bf16_is_fast(device) else model_dtype
     if name in ("float32", "bfloat16"):
         return getattr(torch, name)
-    raise ValueError(f"decoder_dtype must be auto, float32 or bfloat16, got {name!r}")
+    raise ValueError(f"decoder_dtype must be auto, fast, float32 or bfloat16, got {name!r}")
 
 
 def effective_weight(linear) -> torch.Tensor:

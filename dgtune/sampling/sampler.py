@@ -50,7 +50,7 @@ class SamplerConfig:
     decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)
     decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
     prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo" (leave-one-out posterior)
-    compile: bool = False  # fast mode: torch.compile the fused decoder's layers (pays off over long evals)
+    compile: bool = False  # fast mode: torch.compile the fused decoder (pays off over long evals)
 
 
 @dataclass

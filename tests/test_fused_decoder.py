@@ -5,11 +5,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dgtune.config import compose
 from dgtune.diffusion.model_calls import decode, encode
 from dgtune.sampling.fast import NO_MASKS, build_decoder
-from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported
+from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported, gelu_tanh_as_sigmoid
 from dgtune.sampling.sampler import SamplerConfig, sample
 from dgtune.train import apply_lora
 
@@ -113,3 +114,23 @@ def test_decoder_is_reused_until_weights_change(tiny):
     second = build_decoder(model, cfg, cpu)
     assert second is not first and torch.equal(second.lm_head, model.lm_head.weight)
     assert build_decoder(model, SamplerConfig(mode="fast", decoder_dtype="bfloat16"), cpu) is not second
+
+
+def test_gelu_as_sigmoid_matches_library_gelu():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(10000)])
+    torch.testing.assert_close(gelu_tanh_as_sigmoid(x), F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
+
+
+def test_compiled_fused_decoder_matches_transformers(mixed_layers):
+    """torch.compile'd (sigmoid-form GELU, fp32 matmuls) logits equal transformers' decoder."""
+    model = mixed_layers
+    prompts, canvas, sc = _inputs(model)
+    positions = torch.arange(prompts.shape[1], prompts.shape[1] + canvas.shape[1])[None]
+    fused = FusedDecoder(model, torch.float32)
+    fused.compile()
+    assert fused.act is gelu_tanh_as_sigmoid
+    with torch.no_grad():
+        cache, _ = encode(model, prompts)
+        ref = decode(model, canvas, cache, sc, decoder_attention_mask=NO_MASKS, decoder_position_ids=positions)
+        out = fused(canvas, fused.prepare_cache(cache), fused.rope_tables(positions), sc)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -1,15 +1,17 @@
 """Benchmark: dgtune's fast sampler against transformers' `DiffusionGemmaForBlockDiffusion.generate()` (not a test).
 
     python eval/bench_sampler.py [--run RUN_DIR] [--size 9|4] [--quick] [--reps 3] [--n-single 8] [--threads 1]
-                                 [--sampler NAME] [--decoder auto|fused|transformers] [--dtype auto|fast|float32|bfloat16]
-                                 [--compile]
+                                 [--sampler NAME] [--decoder auto|fused|transformers] [--dtype fast|auto|float32|bfloat16]
+                                 [--compile | --no-compile]
 
 Loads the bundled tiny DiffusionGemma (or a fresh random one when the bundled weights are missing), optionally a
 run's LoRA adapter (`--run`), builds 9x9 Sudoku prompts (test split, medium bucket) and, for batch 64 and batch 1
 at max_steps 12 and 48, times `model.generate()` and `dgtune.sampling.sample(mode="fast")` on the same prompts in
 this process (median over repetitions, the two interleaved; `--sampler NAME` uses configs/sampler/NAME.yaml for
-dgtune, default entropy_bound, the algorithm generate() runs; `--decoder/--dtype/--compile` override its decoder
-settings). Both samplers are warmed up (batch 64 and batch 1, so a `--compile` run has compiled its shapes) before
+dgtune, default entropy_bound, the algorithm generate() runs; `--decoder/--dtype/--compile` set its decoder:
+by default the fused decoder with bf16 matmuls where the hardware has fast bf16, torch.compile'd, i.e.
+`python -m dgtune.eval RUN_DIR sampler.decoder_dtype=fast sampler.compile=true`; `--dtype auto --no-compile` is
+the sampler's config default, fp32 on the tiny model). Both samplers are warmed up (batch 64 and batch 1, so a `--compile` run has compiled its shapes) before
 anything is timed. Prints tokens/s (generated tokens up to and including EOS), the ratio, decoder forward passes per
 sequence, the solved rate and blank-cell accuracy, and as its last line
 `speedup_b64=X.XX speedup_b1=Y.YY solved_delta=Z.ZZZ` (speedups: dgtune tokens/s / transformers tokens/s,
@@ -152,8 +154,11 @@ def main(argv=None) -> str:
     ap.add_argument("--size", type=int, default=9, choices=(9, 4), help="Sudoku size of the prompts (4: use --run "
                     "with a 4x4 adapter, a model that solves puzzles, to check accuracy)")
     ap.add_argument("--decoder", help="override sampler.decoder (auto | fused | transformers)")
-    ap.add_argument("--dtype", help="override sampler.decoder_dtype (auto | fast | float32 | bfloat16)")
-    ap.add_argument("--compile", action="store_true", help="sampler.compile=true (torch.compile the fused decoder)")
+    ap.add_argument("--dtype", default="fast",
+                    help="sampler.decoder_dtype (auto | fast | float32 | bfloat16; default fast: bf16 matmuls where "
+                         "the hardware has fast bf16, else the model dtype)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="sampler.compile (torch.compile the fused decoder; default on, --no-compile for eager)")
     args = ap.parse_args(argv)
     from dgtune.eval.__main__ import load_group
 
@@ -162,8 +167,7 @@ def main(argv=None) -> str:
     for key, val in (("decoder", args.decoder), ("decoder_dtype", args.dtype)):
         if val:
             SAMPLER[key] = val
-    if args.compile:
-        SAMPLER["compile"] = True
+    SAMPLER["compile"] = args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

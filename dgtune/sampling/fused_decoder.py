@@ -134,7 +134,8 @@ class FusedDecoder:
         if not set(self.layer_types) <= {"full_attention", "sliding_attention"}:
             raise FusedDecoderUnsupported(f"layer types {sorted(set(self.layer_types))}")
         self.dtype, self.eps, self.top_k = dtype, tc.rms_norm_eps, tc.top_k_experts
-        # attention inputs: fp32 on CPUs (PyTorch's CPU flash attention is slower in bf16 at these head sizes)
+        # attention: q/k/v (prompt cache included) are rounded to the matmul dtype, as matmul inputs are; on CPUs
+        # the attention kernel then runs on them in fp32 (PyTorch's CPU flash attention is slower in bf16 here)
         on_cpu = dec.embed_tokens.weight.device.type == "cpu"
         self.att_dtype = torch.float32 if on_cpu else dtype
         self.act = dec.layers[0].mlp.act_fn
@@ -193,8 +194,11 @@ class FusedDecoder:
         self.forward = torch.compile(self.forward, dynamic=None)
 
     def prepare_cache(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The encoder cache's per-layer (keys, values) [b, kvh, p, d], cast to the compute dtype."""
-        return [(cache.layers[i].keys.to(self.att_dtype), cache.layers[i].values.to(self.att_dtype))
+        """The encoder cache's per-layer (keys, values) [b, kvh, p, d], rounded to the matmul dtype, in the
+        attention dtype. (Rounding to bf16 also hides the last-bit differences that transformers' fp32 encoder
+        shows between batch sizes, which bf16 casts further on would otherwise amplify: batch invariance.)"""
+        dt, at = self.dtype, self.att_dtype
+        return [(cache.layers[i].keys.to(dt).to(at), cache.layers[i].values.to(dt).to(at))
                 for i in range(len(self.layers))]
 
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -233,9 +237,9 @@ class FusedDecoder:
         k = qkv[..., p.q_dim: p.q_dim + p.kv_dim].view(b, l, -1, d)
         v = qkv[..., p.q_dim + p.kv_dim:].view(b, l, -1, d) if p.has_v else k
         at = self.att_dtype
-        q = _rope(_rms(q, p.q_norm, eps), cos, sin).to(at).transpose(1, 2)  # [b, h, l, d]
-        v = _rms(v, None, eps).to(at).transpose(1, 2)
-        k = _rope(_rms(k, p.k_norm, eps), cos, sin).to(at).transpose(1, 2)  # [b, kvh, l, d]
+        q = _rope(_rms(q, p.q_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, h, l, d]
+        v = _rms(v, None, eps).to(dt).to(at).transpose(1, 2)
+        k = _rope(_rms(k, p.k_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, kvh, l, d]
         keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         att = F.scaled_dot_product_attention(q, keys, values, scale=1.0, enable_gqa=keys.shape[1] != q.shape[1])
         att = F.linear(att.transpose(1, 2).reshape(b, l, -1).to(dt), p.w_o)  # [b, l, H]

@@ -7,7 +7,8 @@ for sampling, where the decoder runs on the same prompt cache dozens of times:
   untouched), q/k/v and the dense MLP's gate/up become one matmul each, and the weights are cast once to the
   matmul dtype (`decoder_dtype`: the model's own by default; "bfloat16", or "fast" = bf16 on CPUs with
   AVX512-BF16/AMX and GPUs that support it);
-- the residual stream, norms, router, softmaxes and logits stay in fp32; only matmul inputs are cast;
+- the residual stream, norms, router, softmaxes and logits stay in fp32; only matmul inputs are cast (attention's
+  q/k/v too; on CPUs the attention kernel then runs in fp32 on those rounded values, faster than its bf16 path);
 - the prompt KV cache is cast once per canvas, rotary tables are computed once per canvas;
 - MoE: tokens are sorted by expert once per layer and each expert runs one matmul pair on a contiguous slice
   (transformers loops with boolean masks and advanced indexing);

@@ -134,3 +134,22 @@ def test_compiled_fused_decoder_matches_transformers(mixed_layers):
         ref = decode(model, canvas, cache, sc, decoder_attention_mask=NO_MASKS, decoder_position_ids=positions)
         out = fused(canvas, fused.prepare_cache(cache), fused.rope_tables(positions), sc)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_follows_adapter_toggling(tiny):
+    """`with model.disable_adapter():` changes the weights without bumping parameter versions: the cached fused
+    decoder must not serve the adapter's weights to the base (eval's base rows run inside that context)."""
+    model = _lora_model(tiny[0])
+    prompts, canvas, sc = _inputs(model)
+    positions = torch.arange(prompts.shape[1], prompts.shape[1] + canvas.shape[1])[None]
+    cfg, cpu = SamplerConfig(mode="fast", decoder_dtype="float32"), torch.device("cpu")
+    with torch.no_grad():
+        tuned = build_decoder(model, cfg, cpu)
+        with model.disable_adapter():
+            base = build_decoder(model, cfg, cpu)
+            cache, _ = encode(model, prompts)
+            ref = decode(model, canvas, cache, sc, decoder_attention_mask=NO_MASKS, decoder_position_ids=positions)
+            out = base(canvas, base.prepare_cache(cache), base.rope_tables(positions), sc)
+        assert base is not tuned
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        assert build_decoder(model, cfg, cpu) is not base  # adapters back on: the adapted weights again

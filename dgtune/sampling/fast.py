@@ -57,17 +57,25 @@ def resolve_mask_id(model, cfg) -> int | None:
     return int(mid)
 
 
+def adapter_state(model) -> tuple:
+    """Which adapters the model's LoRA layers apply now (active names, disabled, merged): toggling them
+    (`with model.disable_adapter():`, `set_adapter`) changes the weights without bumping any parameter version."""
+    return tuple((tuple(getattr(m, "active_adapters", ())), bool(getattr(m, "disable_adapters", False)),
+                  bool(getattr(m, "merged", False))) for m in model.modules() if hasattr(m, "base_layer"))
+
+
 def build_decoder(model, cfg, device: torch.device) -> FusedDecoder | None:
     """The fused decoder for `cfg.decoder` ("auto": fused unless the model needs a feature it lacks), or None
     for transformers' decoder. It is kept on the model and reused while no parameter has changed (their in-place
-    version counters, which optimizer steps bump) and the dtype / compile settings are the same."""
+    version counters, which optimizer steps bump), the adapters applied are the same (`adapter_state`) and so are
+    the dtype / compile settings."""
     if cfg.decoder not in ("auto", "fused", "transformers"):
         raise ValueError(f"sampler.decoder must be auto, fused or transformers, got {cfg.decoder!r}")
     if cfg.decoder == "transformers":
         return None
     core = unwrap(model)
     dtype = resolve_dtype(cfg.decoder_dtype, core.model.decoder.embed_tokens.weight.dtype, device)
-    key = (dtype, bool(cfg.compile), tuple(p._version for p in model.parameters()))
+    key = (dtype, bool(cfg.compile), tuple(p._version for p in model.parameters()), adapter_state(model))
     cached = getattr(core, "_dgtune_fused_decoder", None)
     if cached is not None and cached[0] == key:
         return cached[1]

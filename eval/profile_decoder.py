@@ -4,7 +4,9 @@
 
 On 9x9 Sudoku-shaped inputs (prompt 91 tokens, canvas 88, self-conditioning logits), times in this process:
 transformers' decoder (what `generate()` runs each step) and `dgtune.sampling.fused_decoder.FusedDecoder` in fp32,
-bf16 and bf16 + torch.compile (compile time excluded). Prints ms per forward and the ratio to transformers, and with
+bf16 and bf16 + torch.compile (compile time excluded); then transformers' prompt encoder against
+`FusedDecoder.encode_prompt` (bf16, compiled), and a roofline line: the decoder's matmul and attention FLOPs against
+this machine's measured bf16 matmul peak. Prints ms per forward and the ratio to transformers, and with
 `--table` the torch.profiler table of the compiled forward (self time per op: matmuls, attention, fused kernels).
 The ratios bound what the fast sampler can gain at large batch, where the decoder is almost all of a step.
 """
@@ -36,6 +38,31 @@ def ms_per_call(fn, reps: int) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) / reps * 1000
+
+
+def decoder_flops(dec: FusedDecoder, b: int, p: int, l: int, v: int) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of one decoder forward on b canvases of l tokens against a p-token prompt,
+    from the weight shapes (MoE: top-k experts per token; self-conditioning MLP, soft embedding and LM head included)."""
+    n, hidden = b * l, dec.embed.shape[1]
+    per_token = 2 * (dec.sc_gate_up.numel() + dec.sc_down.numel() + dec.lm_head.numel() + v * hidden)
+    att = 0.0
+    for layer in dec.layers:
+        dense = layer.w_qkv.numel() + layer.w_o.numel() + layer.w_gate_up.numel() + layer.w_down.numel()
+        experts = dec.top_k * (layer.experts_gate_up[0].numel() + layer.experts_down[0].numel())
+        per_token += 2 * (dense + experts + layer.router_proj.numel())
+        att += 2 * 2 * layer.q_dim * (p + l)  # q.k and p.v, all heads, per query token
+    return n * per_token, n * att
+
+
+def print_roofline(dec: FusedDecoder, b: int, p: int, l: int, v: int, reps: int) -> None:
+    """The decoder's FLOPs against this machine's measured matmul peak (a large bf16 matmul): a lower bound on
+    the time of one forward, hence an upper bound on the speedup any sampler can get over transformers' decoder."""
+    mm, att = decoder_flops(dec, b, p, l, v)
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    peak = 2 * 2048**3 / (ms_per_call(lambda: a @ a, max(reps // 2, 2)) / 1000)
+    print(f"[roofline] one decoder forward: {mm / 1e9:.2f} GFLOP of matmuls + {att / 1e9:.2f} GFLOP of attention; "
+          f"bf16 matmul peak of this machine (2048^3) {peak / 1e9:.0f} GFLOP/s, so at least "
+          f"{(mm + att) / peak * 1000:.1f} ms per forward if every FLOP ran at that peak")
 
 
 def main(argv=None) -> None:
@@ -71,6 +98,11 @@ def main(argv=None) -> None:
             kv, rope = dec.prepare_cache(cache), dec.rope_tables(positions)
             t = ms_per_call(lambda: dec(canvas, kv, rope, sc), args.reps)
             print(f"{name:>28} {t:8.1f} ms  {ref / t:.2f}x")
+        enc_ref = ms_per_call(lambda: encode(model, prompts), args.reps)
+        print(f"{'transformers encoder':>28} {enc_ref:8.1f} ms  1.00x   (the prompt, once per sample() call)")
+        t = ms_per_call(lambda: dec.encode_prompt(prompts), args.reps)
+        print(f"{'fused encoder bf16 compiled':>28} {t:8.1f} ms  {enc_ref / t:.2f}x")
+        print_roofline(dec, b, p, l, v, args.reps)
         if args.table:
             from torch.profiler import profile
 

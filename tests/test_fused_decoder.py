@@ -70,6 +70,34 @@ def test_fused_logits_match_transformers(tiny, mixed_layers, variant):
         assert (bf16.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("variant", ["base", "lora"])
+def test_fused_encoder_matches_transformers_cache(tiny, variant):
+    """`encode_prompt` gives the keys / values of transformers' encoder cache (the encoder's own adapter included),
+    eager and compiled; a model with sliding-window layers is refused (the sampler then uses transformers')."""
+    model = tiny[0] if variant == "base" else _lora_model(tiny[0], seed=3)
+    prompts, _, _ = _inputs(model, b=3, p=17)
+    fused = FusedDecoder(model, torch.float32)
+    with torch.no_grad():
+        cache, _ = encode(model, prompts)
+        ref = fused.prepare_cache(cache)
+        for compiled in (False, True):
+            if compiled:
+                fused.compile()
+            for (k, v), (rk, rv) in zip(fused.encode_prompt(prompts), ref):
+                torch.testing.assert_close(k, rk, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(v, rv, atol=1e-4, rtol=1e-4)
+        if variant == "lora":  # the encoder's adapter matters, and encode_prompt reads it
+            base_k = FusedDecoder(tiny[0], torch.float32).encode_prompt(prompts)[-1][0]
+            assert (base_k - ref[-1][0]).abs().max() > 1e-2
+
+
+def test_fused_encoder_refuses_sliding_layers(mixed_layers):
+    fused = FusedDecoder(mixed_layers, torch.float32)
+    assert not fused.can_encode
+    with pytest.raises(FusedDecoderUnsupported, match="sliding"):
+        fused.encode_prompt(torch.zeros(1, 4, dtype=torch.long))
+
+
 def test_fast_sampler_same_tokens_through_both_decoders(tiny):
     model, tok = tiny
     model = _lora_model(model, seed=1)

@@ -1,7 +1,8 @@
 """The fast sampler (`SamplerConfig.mode="fast"`): same model calls and the same algorithms as the reference
 sampler, organised for speed and batch invariance.
 
-- The prompt is encoded once; every step reuses its KV cache.
+- The prompt is encoded once; every step reuses its KV cache. With the fused decoder (and one canvas), the prompt
+  is encoded by `FusedDecoder.encode_prompt` (the same layer code, causal, the last layer's MLP skipped).
 - Finished rows are retired: the canvas, self-conditioning logits, history and the cache (shallow copies whose
   `layers[i].keys/.values` are index-selected) shrink to the rows still running, every `sync_every` steps (the
   only host sync of the loop; 0 = every step on CPU, every 4 steps on accelerators).
@@ -98,11 +99,12 @@ def _sync_every(cfg, device) -> int:
 @torch.no_grad()
 def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
                         cfg, position_offset: int, mask_id: int | None, template: torch.Tensor | None = None,
-                        guide=None, fused: FusedDecoder | None = None):
+                        guide=None, fused: FusedDecoder | None = None, prompt_kv: list | None = None):
     """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b]).
 
     template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
-    as committed. guide: see `strategies.strategy_step`. fused: a `FusedDecoder` (None: transformers' decoder)."""
+    as committed. guide: see `strategies.strategy_step`. fused: a `FusedDecoder` (None: transformers' decoder);
+    prompt_kv: its `encode_prompt` output for these rows, used instead of `cache` (then None)."""
     b, l, device = keys.shape[0], canvas_length, keys.device
     positions = torch.arange(position_offset, position_offset + l, device=device)[None]
     init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
@@ -122,7 +124,7 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     need_sample = cfg.strategy == "entropy_bound" or cfg.commit == "sample"
     embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
     if fused is not None:
-        kv_all = fused.prepare_cache(cache)  # [(keys, values) [b, kvh, p, d]] in the compute dtype
+        kv_all = prompt_kv if prompt_kv is not None else fused.prepare_cache(cache)  # [(keys, values) [b, kvh, p, d]]
         kv, rope, embed_dtype = kv_all, fused.rope_tables(positions), torch.float32
     for i in range(cfg.max_steps):
         steps_left = cfg.max_steps - i
@@ -212,14 +214,18 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     keys = rng.seed_keys(row_seeds.to(device))  # [b]
     mask_id = resolve_mask_id(model, cfg)
     fused = build_decoder(model, cfg, device)
-    cache, _ = encode(model, prompt_ids)
+    prompt_kv = None
+    if fused is not None and fused.can_encode and cfg.max_canvases == 1:  # (continuing canvases needs a cache)
+        cache, prompt_kv = None, fused.encode_prompt(prompt_ids)
+    else:
+        cache, _ = encode(model, prompt_ids)
     tokens = torch.full((b, cfg.max_canvases * canvas_length), pad_id, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
     alive = torch.arange(b, device=device)  # rows without EOS so far
     cur_len, n_canvases = p, 0
     for k in range(cfg.max_canvases):
         out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id,
-                                     template if k == 0 else None, guide if k == 0 else None, fused)
+                                     template if k == 0 else None, guide if k == 0 else None, fused, prompt_kv)
         tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
         nfe.index_add_(0, alive, n)
         n_canvases = k + 1

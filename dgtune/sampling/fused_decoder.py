@@ -155,6 +155,14 @@ class FusedDecoder:
             self.norm = dec.norm.weight.detach().to(f32)
             self.lm_head = effective_weight(core.lm_head).detach().to(dtype)  # [v, H]
             self.layers = [self._layer(layer, dtype) for layer in dec.layers[: tc.num_hidden_layers]]
+            # the prompt encoder (`encode_prompt`): same layer maths, causal; sliding windows are not implemented
+            enc = core.model.encoder.language_model
+            self.can_encode = set(self.layer_types) == {"full_attention"}
+            if self.can_encode:
+                self.enc_embed = enc.embed_tokens.weight.detach().to(f32)
+                self.enc_embed_scale = float(enc.embed_tokens.scalar_embed_scale)
+                self.enc_rotary = enc.rotary_emb
+                self.enc_layers = [self._layer(layer, dtype) for layer in enc.layers[: tc.num_hidden_layers]]
 
     @staticmethod
     def _layer(layer, dtype) -> _Layer:
@@ -193,6 +201,7 @@ class FusedDecoder:
         if self.act_is_gelu_tanh:
             self.act = gelu_tanh_as_sigmoid
         self.forward = torch.compile(self.forward, dynamic=None)
+        self.encode_prompt = torch.compile(self.encode_prompt, dynamic=None)
 
     def prepare_cache(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The encoder cache's per-layer (keys, values) [b, kvh, p, d], rounded to the matmul dtype, in the
@@ -202,13 +211,29 @@ class FusedDecoder:
         return [(cache.layers[i].keys.to(dt).to(at), cache.layers[i].values.to(dt).to(at))
                 for i in range(len(self.layers))]
 
-    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer type, cos, sin [1, l, 1, d] (fp32) for canvas positions [1, l]."""
+    def rope_tables(self, positions: torch.Tensor, rotary=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer type, cos, sin [1, l, 1, d] (fp32) for positions [1, l] (the decoder's rotary embedding, or
+        `rotary`)."""
         tables = {}
         for lt in set(self.layer_types):
-            cos, sin = self.rotary_emb(self.embed[:1], positions, lt)
+            cos, sin = (rotary or self.rotary_emb)(self.embed[:1], positions, lt)
             tables[lt] = (cos[:, :, None], sin[:, :, None])
         return tables
+
+    def encode_prompt(self, prompt_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The causal encoder on prompt_ids [b, p] (positions 0..p-1, no padding): per-layer (keys, values)
+        [b, kvh, p, d] as `prepare_cache` gives them for transformers' cache (tests/test_fused_decoder.py). The
+        last layer stops after its keys and values: nothing reads its output."""
+        if not self.can_encode:
+            raise FusedDecoderUnsupported("sliding-window layers in the encoder")
+        x = F.embedding(prompt_ids, self.enc_embed) * self.enc_embed_scale  # [b, p, H] fp32
+        positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)[None]
+        rope = self.rope_tables(positions, self.enc_rotary)
+        kv = []
+        for i, (layer, lt) in enumerate(zip(self.enc_layers, self.layer_types)):
+            x, k, v = self._block(layer, x, None, None, *rope[lt], kv_only=i == len(self.enc_layers) - 1)
+            kv.append((k, v))
+        return kv
 
     def __call__(self, canvas: torch.Tensor, kv: list, rope: dict, sc_logits: torch.Tensor | None) -> torch.Tensor:
         """See `forward`."""
@@ -226,11 +251,14 @@ class FusedDecoder:
             x = x + F.linear(self.act(g) * u, self.sc_down).float()
         x = _rms(x, None, self.eps)
         for layer, lt, (pk, pv) in zip(self.layers, self.layer_types, kv):
-            x = self._block(layer, x, pk, pv, *rope[lt])
+            x, _, _ = self._block(layer, x, pk, pv, *rope[lt])
         h = _rms(x, self.norm, self.eps)
         return softcap(F.linear(h.to(dt), self.lm_head).float(), self.final_softcap)
 
-    def _block(self, p: _Layer, x, pk, pv, cos, sin):
+    def _block(self, p: _Layer, x, pk, pv, cos, sin, kv_only: bool = False):
+        """One layer on x [b, l, H]: attention over the prefix keys / values pk, pv [b, kvh, p, d] and the
+        layer's own (None: causal self-attention, the encoder), then dense MLP + MoE. Returns (x, k, v) with this
+        layer's keys / values [b, kvh, l, d]; `kv_only` returns (None, k, v) right after computing them."""
         b, l, hidden = x.shape
         d, dt, eps = p.head_dim, self.dtype, self.eps
         qkv = F.linear(_rms(x, p.ln_in, eps).to(dt), p.w_qkv)  # [b, l, q + kv (+ kv)]
@@ -241,8 +269,11 @@ class FusedDecoder:
         q = _rope(_rms(q, p.q_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, h, l, d]
         v = _rms(v, None, eps).to(dt).to(at).transpose(1, 2)
         k = _rope(_rms(k, p.k_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, kvh, l, d]
-        keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-        att = F.scaled_dot_product_attention(q, keys, values, scale=1.0, enable_gqa=keys.shape[1] != q.shape[1])
+        if kv_only:
+            return None, k, v
+        keys, values = (k, v) if pk is None else (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+        att = F.scaled_dot_product_attention(q, keys, values, scale=1.0, is_causal=pk is None,
+                                             enable_gqa=keys.shape[1] != q.shape[1])
         att = F.linear(att.transpose(1, 2).reshape(b, l, -1).to(dt), p.w_o)  # [b, l, H]
         x = x + _rms(att, p.ln_post_attn, eps)
 
@@ -250,7 +281,7 @@ class FusedDecoder:
         dense = _rms(F.linear(self.act(g) * u, p.w_down), p.ln_post_ff1, eps)
         moe = _rms(self._moe(p, x.view(-1, hidden)).view(b, l, hidden), p.ln_post_ff2, eps)
         x = x + _rms(dense + moe, p.ln_post_ff, eps)
-        return x * p.layer_scalar
+        return x * p.layer_scalar, k, v
 
     def _route(self, p: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router on x [n, H] in fp32: top-k expert weights [n, k] (renormalised, per-expert scaled), ids [n, k]."""

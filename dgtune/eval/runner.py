@@ -27,6 +27,21 @@ def row_seeds_for(seed: int, row_indices: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def warm_up_compiled(model, groups, cfg: SamplerConfig, batch_size: int, eos: int, pad: int, canvas_length: int,
+                     templates, device) -> None:
+    """With `sampler.compile`, torch.compile compiles on the first call with each new shape (batch size, prompt
+    length) and once more for a dynamic batch size: sample every group's batch sizes, plus one more size, for two
+    steps (untimed, outputs discarded), so that `tokens_per_s` measures sampling, not compiling."""
+    cfg = SamplerConfig(**{**cfg.__dict__, "max_steps": 2})
+    for idx, prompts in groups:
+        sizes = sorted({min(batch_size, len(idx)), len(idx) % batch_size or min(batch_size, len(idx)), 1})
+        for n in sizes:
+            template = None if templates is None else templates[idx[:n]].to(device)
+            sample(model, prompts[:n].to(device), cfg, None, eos, pad, canvas_length,
+                   row_seeds=torch.arange(n, device=device), template=template)
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
              seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False):
     """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
@@ -42,10 +57,12 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     records, timings = [], {}
     templates = task.template_tensor(tokenizer, rows) if getattr(task, "use_template", False) else None  # [n, l]
     guide = task.make_guide(tokenizer) if guided else None
+    if sampler_cfg.noise == "mask" and sampler_cfg.mask_token_id is None:
+        sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "mask_token_id": tokenizer.mask_token_id})
+    if sampler_cfg.compile:
+        warm_up_compiled(model, groups, sampler_cfg, batch_size, eos, pad, task.canvas_length, templates, device)
     for steps in steps_list:
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
-        if cfg.noise == "mask" and cfg.mask_token_id is None:
-            cfg.mask_token_id = tokenizer.mask_token_id
         n_tokens, seconds = 0, 0.0
         for gi, (idx, prompts) in enumerate(groups):
             for start in range(0, len(idx), batch_size):

@@ -208,8 +208,8 @@ class FusedDecoder:
         attention dtype. (Rounding to bf16 also hides the last-bit differences that transformers' fp32 encoder
         shows between batch sizes, which bf16 casts further on would otherwise amplify: batch invariance.)"""
         dt, at = self.dtype, self.att_dtype
-        return [(cache.layers[i].keys.to(dt).to(at), cache.layers[i].values.to(dt).to(at))
-                for i in range(len(self.layers))]
+        return [(cache.layers[i].keys.to(dt).to(at).contiguous(), cache.layers[i].values.to(dt).to(at).contiguous())
+                for i in range(len(self.layers))]  # (contiguous, as index_select returns them: one compiled graph)
 
     def rope_tables(self, positions: torch.Tensor, rotary=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per layer type, cos, sin [1, l, 1, d] (fp32) for positions [1, l] (the decoder's rotary embedding, or
@@ -232,7 +232,7 @@ class FusedDecoder:
         kv = []
         for i, (layer, lt) in enumerate(zip(self.enc_layers, self.layer_types)):
             x, k, v = self._block(layer, x, None, None, *rope[lt], kv_only=i == len(self.enc_layers) - 1)
-            kv.append((k, v))
+            kv.append((k.contiguous(), v.contiguous()))  # [b, kvh, p, d] (the layout index_select keeps)
         return kv
 
     def __call__(self, canvas: torch.Tensor, kv: list, rope: dict, sc_logits: torch.Tensor | None) -> torch.Tensor:

@@ -266,11 +266,11 @@ class FusedDecoder:
         k = qkv[..., p.q_dim: p.q_dim + p.kv_dim].view(b, l, -1, d)
         v = qkv[..., p.q_dim + p.kv_dim:].view(b, l, -1, d) if p.has_v else k
         at = self.att_dtype
-        q = _rope(_rms(q, p.q_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, h, l, d]
         v = _rms(v, None, eps).to(dt).to(at).transpose(1, 2)
         k = _rope(_rms(k, p.k_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, kvh, l, d]
         if kv_only:
             return None, k, v
+        q = _rope(_rms(q, p.q_norm, eps), cos, sin).to(dt).to(at).transpose(1, 2)  # [b, h, l, d]
         keys, values = (k, v) if pk is None else (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
         att = F.scaled_dot_product_attention(q, keys, values, scale=1.0, is_causal=pk is None,
                                              enable_gqa=keys.shape[1] != q.shape[1])

@@ -34,8 +34,8 @@ def warm_up_compiled(model, groups, cfg: SamplerConfig, batch_size: int, eos: in
     steps (untimed, outputs discarded), so that `tokens_per_s` measures sampling, not compiling."""
     cfg = SamplerConfig(**{**cfg.__dict__, "max_steps": 2})
     for idx, prompts in groups:
-        sizes = sorted({min(batch_size, len(idx)), len(idx) % batch_size or min(batch_size, len(idx)), 1})
-        for n in sizes:
+        full = min(batch_size, len(idx))
+        for n in sorted({full, len(idx) % batch_size or full, 1}):  # full batches, the last one, and size 1
             template = None if templates is None else templates[idx[:n]].to(device)
             sample(model, prompts[:n].to(device), cfg, None, eos, pad, canvas_length,
                    row_seeds=torch.arange(n, device=device), template=template)

@@ -2,7 +2,8 @@
 sampler, organised for speed and batch invariance.
 
 - The prompt is encoded once; every step reuses its KV cache. With the fused decoder (and one canvas), the prompt
-  is encoded by `FusedDecoder.encode_prompt` (the same layer code, causal, the last layer's MLP skipped).
+  is encoded by `FusedDecoder.encode_prompt` (the same layer code, causal, the last layer stopping at its keys
+  and values).
 - Finished rows are retired: the canvas, self-conditioning logits, history and the cache (shallow copies whose
   `layers[i].keys/.values` are index-selected) shrink to the rows still running, every `sync_every` steps (the
   only host sync of the loop; 0 = every step on CPU, every 4 steps on accelerators).

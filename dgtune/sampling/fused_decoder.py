@@ -216,7 +216,7 @@ class FusedDecoder:
         `rotary`)."""
         tables = {}
         for lt in set(self.layer_types):
-            cos, sin = (rotary or self.rotary_emb)(self.embed[:1], positions, lt)
+            cos, sin = (self.rotary_emb if rotary is None else rotary)(self.embed[:1], positions, lt)
             tables[lt] = (cos[:, :, None], sin[:, :, None])
         return tables
 

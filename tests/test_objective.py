@@ -1,5 +1,6 @@
 """The denoising loss against an independent, plain computation through the model's own forward()."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +76,19 @@ def test_noise_level_range_and_corruption_rate():
     keep[:, :100] = True
     noisy, corrupted = corrupt_masked(clean, tt, 3, g, keep)
     assert not corrupted[:, :100].any() and (noisy[corrupted] == 3).all() and (noisy[~corrupted] == 0).all()
+
+
+def test_noise_level_power_favours_high_noise():
+    # t = eps + (1 - 2 eps) u^p: E[u^p] = 1 / (p + 1), P(t > 0.5) = 1 - 0.5^(1/p)
+    t = sample_noise_level(20000, 1e-4, torch.Generator().manual_seed(0), power=0.5)
+    assert float(t.min()) >= 1e-4 and float(t.max()) <= 1 - 1e-4
+    assert abs(float(t.mean()) - 2 / 3) < 0.01
+    assert abs(float((t > 0.5).float().mean()) - 0.75) < 0.01
+    # power 1 draws the same numbers as the released U(eps, 1 - eps)
+    same = sample_noise_level(100, 1e-4, torch.Generator().manual_seed(1), power=1.0)
+    assert torch.equal(same, sample_noise_level(100, 1e-4, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="t_power"):
+        sample_noise_level(4, 1e-4, torch.Generator().manual_seed(0), power=0.0)
 
 
 def test_without_ar_loss_only_prompts_are_encoded_and_loss_is_unchanged(tiny):

@@ -35,7 +35,7 @@ def denoising_loss(
     if cfg.prediction not in ("denoiser", "mean_loo") or (cfg.prediction == "mean_loo" and cfg.kind != "uniform"):
         raise ValueError(f"objective.prediction={cfg.prediction!r} with kind={cfg.kind!r}: expected 'denoiser', or "
                          "'mean_loo' with uniform noise (for [MASK] noise the two coincide)")
-    t = sample_noise_level(b, cfg.eps, generator, device)  # [b]
+    t = sample_noise_level(b, cfg.eps, generator, device, cfg.t_power)  # [b]
     if cfg.kind == "uniform":
         noisy, corrupted = corrupt_uniform(clean, t, vocab_size, generator, keep)
     elif cfg.kind == "masked":

@@ -35,12 +35,17 @@ class ObjectiveConfig:
     eps: float = 1e-4
     self_cond_p: float = 0.5
     ar_weight: float = 1.0
+    t_power: float = 1.0  # t = eps + (1 - 2 eps) u^t_power: 1 is the released U(eps, 1 - eps); < 1 favours high noise
 
 
-def sample_noise_level(batch_size: int, eps: float, generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """Per-example noise level t ~ U(eps, 1 - eps).  # [b]"""
+def sample_noise_level(
+    batch_size: int, eps: float, generator: torch.Generator, device="cpu", power: float = 1.0
+) -> torch.Tensor:
+    """Per-example noise level t = eps + (1 - 2 eps) u^power, u ~ U(0, 1); power 1 is t ~ U(eps, 1 - eps).  # [b]"""
+    if power <= 0:
+        raise ValueError(f"objective.t_power={power}: must be > 0 (1 = uniform noise levels, < 1 favours high noise)")
     u = torch.rand(batch_size, generator=generator, device=device)
-    return eps + (1.0 - 2.0 * eps) * u
+    return eps + (1.0 - 2.0 * eps) * u**power
 
 
 def corrupt_uniform(

@@ -6,7 +6,13 @@ import torch.nn.functional as F
 
 from dgtune.data import collate_train, encode_rows
 from dgtune.diffusion.loss import denoising_loss
-from dgtune.diffusion.objective import ObjectiveConfig, corrupt_masked, corrupt_uniform, sample_noise_level
+from dgtune.diffusion.objective import (
+    ObjectiveConfig,
+    corrupt_further,
+    corrupt_masked,
+    corrupt_uniform,
+    sample_noise_level,
+)
 
 
 def _batch(tok, canvas_length):
@@ -89,6 +95,38 @@ def test_noise_level_power_favours_high_noise():
     assert torch.equal(same, sample_noise_level(100, 1e-4, torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="t_power"):
         sample_noise_level(4, 1e-4, torch.Generator().manual_seed(0), power=0.0)
+
+
+def test_further_corruption_is_a_superset_at_the_higher_level():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.zeros(3, 6000, dtype=torch.long)
+    keep = torch.zeros(3, 6000, dtype=torch.bool)
+    keep[:, :200] = True
+    t, t_more = torch.tensor([0.1, 0.4, 0.7]), torch.tensor([0.35, 0.4, 0.95])
+    noisy, corrupted = corrupt_masked(clean, t, 3, g, keep)
+    more, corrupted_more = corrupt_further(noisy, corrupted, t, t_more, torch.full_like(clean, 3), g, keep)
+    assert (corrupted_more | ~corrupted).all() and not corrupted_more[:, :200].any()  # superset, keep untouched
+    assert torch.equal(more[corrupted], noisy[corrupted]) and (more[corrupted_more] == 3).all()
+    assert (more[~corrupted_more] == 0).all()
+    free = ~keep
+    rates = (corrupted_more & free).float().sum(1) / free.float().sum(1)
+    assert torch.allclose(rates, t_more, atol=0.03)
+    assert torch.equal(corrupted_more[1], corrupted[1])  # t_more == t: nothing added
+
+
+def test_noisier_self_conditioning_changes_only_the_conditioning_pass(tiny):
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    v = model.config.text_config.vocab_size
+    no_sc = ObjectiveConfig(self_cond_p=0.0)
+    base = denoising_loss(model, batch, no_sc, torch.Generator().manual_seed(0), v, 3)["loss"]
+    gap = denoising_loss(model, batch, ObjectiveConfig(self_cond_p=0.0, sc_noise_gap=0.3),
+                         torch.Generator().manual_seed(0), v, 3)["loss"]
+    assert torch.equal(base, gap)  # without self-conditioning the gap draws nothing and changes nothing
+    same = denoising_loss(model, batch, ObjectiveConfig(self_cond_p=1.0), torch.Generator().manual_seed(0), v, 3)
+    noisier = denoising_loss(model, batch, ObjectiveConfig(self_cond_p=1.0, sc_noise_gap=0.3),
+                             torch.Generator().manual_seed(0), v, 3)
+    assert not torch.equal(same["loss"], noisier["loss"])
 
 
 def test_without_ar_loss_only_prompts_are_encoded_and_loss_is_unchanged(tiny):

@@ -8,6 +8,7 @@ from dgtune.diffusion.model_calls import decode, encode, encoder_logits
 from dgtune.diffusion.objective import (
     ObjectiveConfig,
     ar_co_loss,
+    corrupt_further,
     corrupt_masked,
     corrupt_uniform,
     flat_canvas_loss,
@@ -20,7 +21,8 @@ from dgtune.diffusion.objective import (
 def denoising_loss(
     model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None
 ) -> dict[str, torch.Tensor]:
-    """Loss of one batch. Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b].
+    """Loss of one batch. Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
+    then with `sc_noise_gap` > 0 the self-conditioning canvas' extra corruption [b, l] (+ random tokens).
 
     batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
     canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
@@ -60,8 +62,16 @@ def denoising_loss(
 
     sc_logits = None
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):
+        sc_input = noisy
+        if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
+            t_more = (t + cfg.sc_noise_gap).clamp(max=1.0 - cfg.eps)  # [b]
+            if cfg.kind == "uniform":
+                replacement = torch.randint(0, vocab_size, (b, l), generator=generator, device=device)
+            else:
+                replacement = torch.full_like(clean, mask_token_id)
+            sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
         with torch.no_grad():
-            sc_logits = decode(model, noisy, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
+            sc_logits = decode(model, sc_input, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
     logits = decode(
         model,
         noisy,

@@ -36,6 +36,9 @@ class ObjectiveConfig:
     self_cond_p: float = 0.5
     ar_weight: float = 1.0
     t_power: float = 1.0  # t = eps + (1 - 2 eps) u^t_power: 1 is the released U(eps, 1 - eps); < 1 favours high noise
+    # > 0: the self-conditioning pass sees a noisier canvas, at level min(t + gap, 1 - eps), as when sampling (where
+    # the previous step's logits came from the previous, noisier canvas); 0 = the same canvas (released)
+    sc_noise_gap: float = 0.0
 
 
 def sample_noise_level(
@@ -62,6 +65,24 @@ def corrupt_uniform(
     if keep is not None:
         corrupted = corrupted & ~keep
     return torch.where(corrupted, random_tokens, clean), corrupted
+
+
+def corrupt_further(
+    noisy: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, t_more: torch.Tensor, replacement: torch.Tensor,
+    generator: torch.Generator, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A noisier copy of a canvas corrupted at level t: each clean position (not `keep`) is also corrupted with
+    probability (t_more - t) / (1 - t), so every position is corrupted with probability t_more overall.
+
+    noisy, corrupted: [b, l] from `corrupt_uniform` / `corrupt_masked`; t, t_more: [b] (t_more >= t);
+    replacement: [b, l] tokens for newly corrupted positions (random ids, or the [MASK] id).
+    Returns (noisier [b, l], corrupted_more [b, l] bool, a superset of `corrupted`)."""
+    b, l = noisy.shape
+    p = ((t_more - t) / (1.0 - t).clamp_min(1e-6)).clamp(0.0, 1.0)  # [b]
+    extra = (torch.rand(b, l, generator=generator, device=noisy.device) < p[:, None]) & ~corrupted  # [b, l]
+    if keep is not None:
+        extra = extra & ~keep
+    return torch.where(extra, replacement, noisy), corrupted | extra
 
 
 def corrupt_masked(

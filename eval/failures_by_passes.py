@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         cut = sum(first[i]["nfe"] == steps[0] for i in failed)
         print(f"rows failing @{steps[0]}: {len(failed)}, {cut} of them cut at the step limit; their passes "
               f"@{steps[-1]}: {histogram(last[i]['nfe'] for i in failed)}; solved @{steps[-1]}: "
-              f"{sum(int(last[i]["solved"]) for i in failed)}")
+              f"{sum(int(last[i]['solved']) for i in failed)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ bf16 and bf16 + torch.compile (compile time excluded); then transformers' prompt
 `FusedDecoder.encode_prompt` (bf16, compiled), and a roofline line: the decoder's matmul and attention FLOPs against
 this machine's measured bf16 matmul peak. Prints ms per forward and the ratio to transformers, and with
 `--table` the torch.profiler table of the compiled forward (self time per op: matmuls, attention, fused kernels).
+Last, one whole fast-sampler call (`--sample-steps`, default 12) against the forwards and encoding it is made of:
+the difference is the step loop's own work.
 The ratios bound what the fast sampler can gain at large batch, where the decoder is almost all of a step.
 """
 
@@ -65,12 +67,33 @@ def print_roofline(dec: FusedDecoder, b: int, p: int, l: int, v: int, reps: int)
           f"{(mm + att) / peak * 1000:.1f} ms per forward if every FLOP ran at that peak")
 
 
+def print_step_overhead(model, prompts, eos: int, pad: int, steps: int, t_forward: float, t_encode: float,
+                        reps: int) -> None:
+    """One whole fast-sampler call (bf16, compiled, as `eval/bench_sampler.py` runs it) against the decoder forwards
+    and prompt encoding it is made of: what is left is the step loop's own work (statistics, acceptance,
+    renoising, random numbers, row retirement)."""
+    from dgtune.sampling.sampler import SamplerConfig, sample
+
+    cfg = SamplerConfig(mode="fast", max_steps=steps, decoder_dtype="bfloat16", compile=True)
+    seeds = torch.arange(prompts.shape[0])
+    res = sample(model, prompts, cfg, None, eos, pad, model.config.canvas_length, row_seeds=seeds)
+    nfe = float(res.nfe.mean())
+    total = ms_per_call(lambda: sample(model, prompts, cfg, None, eos, pad, model.config.canvas_length,
+                                      row_seeds=seeds), reps)
+    parts = nfe * t_forward + t_encode
+    print(f"[step loop] sample() at {steps} steps: {total:.1f} ms for {nfe:.2f} forward passes per row; "
+          f"{nfe:.2f} x {t_forward:.1f} ms decoder + {t_encode:.1f} ms encoder = {parts:.1f} ms, so the loop's "
+          f"own work is {(total - parts) / nfe:+.1f} ms per step")
+
+
 def main(argv=None) -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--sample-steps", type=int, default=12,
+                    help="also time one whole fast-sampler call of this many steps against its parts (0: skip)")
     ap.add_argument("--table", action="store_true", help="print the profiler table of the compiled bf16 forward")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,9 +123,12 @@ def main(argv=None) -> None:
             print(f"{name:>28} {t:8.1f} ms  {ref / t:.2f}x")
         enc_ref = ms_per_call(lambda: encode(model, prompts), args.reps)
         print(f"{'transformers encoder':>28} {enc_ref:8.1f} ms  1.00x   (the prompt, once per sample() call)")
-        t = ms_per_call(lambda: dec.encode_prompt(prompts), args.reps)
-        print(f"{'fused encoder bf16 compiled':>28} {t:8.1f} ms  {enc_ref / t:.2f}x")
+        t_enc = ms_per_call(lambda: dec.encode_prompt(prompts), args.reps)
+        print(f"{'fused encoder bf16 compiled':>28} {t_enc:8.1f} ms  {enc_ref / t_enc:.2f}x")
         print_roofline(dec, b, p, l, v, args.reps)
+        if args.sample_steps:
+            print_step_overhead(model, prompts, tok.eos_token_id, tok.pad_token_id, args.sample_steps, t, t_enc,
+                                max(args.reps // 2, 2))
         if args.table:
             from torch.profiler import profile
 

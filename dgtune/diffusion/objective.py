@@ -2,7 +2,7 @@
 
 One training example = a clean prompt (never corrupted, never in the diffusion loss) and one canvas of
 `canvas_length` response tokens, EOS-filled past the end of the response. The canvas is corrupted with
-per-example noise level t ~ U(eps, 1 - eps):
+per-example noise level t ~ U(eps, 1 - eps) (`t_power` != 1: t = eps + (1 - 2 eps) u^t_power):
 
 - "uniform" (released DiffusionGemma recipe): each position is replaced by a uniformly random token with
   probability t; flat mean cross-entropy over the whole canvas.

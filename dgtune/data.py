@@ -13,6 +13,14 @@ SPLITS = ("train", "val", "test")
 DATA_VERSION = 3  # bump when the rows a task builds change, to invalidate cached splits
 
 
+def splits_for(task, cfg) -> dict[str, list[dict]]:
+    """A run config's train/val/test rows of `task`: sizes and seed from `cfg.task`, cached under `cfg.data_dir`."""
+    from omegaconf import OmegaConf
+
+    sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
+    return build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+
+
 def build_splits(task, sizes: dict[str, int], seed: int, cache_dir: str | Path | None, key: dict) -> dict[str, list[dict]]:
     """Build train/val/test rows with `datasets`, cached under `cache_dir/<task>-<hash of key>/`."""
     import datasets

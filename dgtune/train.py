@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from dgtune.data import batch_indices, build_splits, collate_train, encode_rows
+from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
 from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import ObjectiveConfig
@@ -116,8 +116,7 @@ def train(cfg: DictConfig) -> dict:
     model, tokenizer = load_model(cfg.model)
     task = build_task(cfg.task)
     model.config.canvas_length = task.canvas_length
-    sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
-    splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+    splits = splits_for(task, cfg)
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)

@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from dgtune.data import build_splits
+    from dgtune.data import splits_for
     from dgtune.eval.__main__ import load_run, merge_overrides, sampler_config, test_rows
     from dgtune.eval.runner import evaluate
     from dgtune.tasks import build_task
@@ -51,8 +51,7 @@ def main(argv=None) -> None:
     tuned.config.canvas_length = task.canvas_length
     splits = None
     if not cfg.task.get("test_file"):
-        sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
-        splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+        splits = splits_for(task, cfg)
     rows = test_rows(task, splits, cfg)
     steps = [int(s) for s in args.steps.split(",")]
     records, _ = evaluate(tuned, tok, task, rows, steps, sampler_config(cfg, tok), cfg.eval.batch_size, cfg.seed,

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> str:
     """CLI entry point."""
     import torch
 
-    from dgtune.data import build_splits
+    from dgtune.data import splits_for
     from dgtune.tasks import build_task
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> str:
             m.config.canvas_length = task.canvas_length
     splits = None
     if not cfg.task.get("test_file"):
-        sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
-        splits = build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+        splits = splits_for(task, cfg)
     return run_report(tuned, tokenizer, task, splits, cfg, run_dir, None, base_model=base)
 
 

@@ -2,7 +2,7 @@
 
 For each run (and each `report.json` under it, e.g. `RUN_DIR/d1/report.json` from a `task.test_file` eval) it
 prints one Markdown row per (model, sampler, bucket) at the step counts asked for (`--steps`, default 4 8 12 48):
-solved rate with its bootstrap interval, blank-cell accuracy, mean NFE, steps_to_plateau, and the run's recipe
+solved rate with its Wilson 95% interval, blank-cell accuracy, mean NFE, steps_to_plateau, and the run's recipe
 and training minutes (from `metrics.jsonl`).
 """
 

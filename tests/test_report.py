@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from dgtune.eval.report import (add_steps_to_plateau, aggregate, bootstrap_ci, format_table,
-                                plot_accuracy_vs_steps, write_report)
+from dgtune.eval.report import (add_steps_to_plateau, aggregate, format_table,
+                                plot_accuracy_vs_steps, proportion_ci, write_report)
 
 
 def _rec(model, steps, bucket, solved, cell, nfe, sampler="eb"):
@@ -22,16 +22,29 @@ def _records():
     return recs
 
 
-def test_bootstrap_contains_mean_narrows_reproducible():
-    rng = np.random.default_rng(1)
-    small = list(rng.integers(0, 2, 20).astype(float))
-    big = list(rng.integers(0, 2, 2000).astype(float))
-    for vals in (small, big):
-        lo, hi = bootstrap_ci(vals)
-        assert lo <= np.mean(vals) <= hi
-    assert (bootstrap_ci(big)[1] - bootstrap_ci(big)[0]) < (bootstrap_ci(small)[1] - bootstrap_ci(small)[0])
-    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
-    assert all(math.isnan(v) for v in bootstrap_ci([]))
+def test_proportion_ci_contains_rate_narrows_symmetric():
+    for k, n in ((3, 20), (300, 2000), (1, 64)):
+        lo, hi = proportion_ci(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert (proportion_ci(300, 2000)[1] - proportion_ci(300, 2000)[0]) < (proportion_ci(3, 20)[1] - proportion_ci(3, 20)[0])
+    lo, hi = proportion_ci(5, 64)
+    lo2, hi2 = proportion_ci(59, 64)
+    assert math.isclose(lo, 1 - hi2) and math.isclose(hi, 1 - lo2)
+    assert all(math.isnan(v) for v in proportion_ci(0, 0))
+    with pytest.raises(ValueError):
+        proportion_ci(5, 4)
+
+
+def test_interval_not_degenerate_at_0_and_1():
+    # 0 of 64 solved: the exact (Clopper-Pearson) 95% upper bound is 1 - 0.025 ** (1 / 64); a percentile bootstrap
+    # of all-zero values reports [0, 0]
+    exact_hi = 1 - 0.025 ** (1 / 64)
+    for solved in (0.0, 1.0):
+        recs = [_rec("base", 12, "medium", solved, 0.1, 12.0) for _ in range(64)]
+        row = next(r for r in aggregate(recs, {}) if r["bucket"] == "medium")
+        width = row["solved_hi"] - row["solved_lo"]
+        assert abs(width - exact_hi) < 0.005, row
+        assert row["solved_lo"] <= solved <= row["solved_hi"]
 
 
 def test_aggregate_buckets_and_means():

@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -19,16 +20,21 @@ def _bucket_rank(bucket: str) -> tuple[int, str]:
     return (BUCKET_ORDER.index(bucket), "") if bucket in BUCKET_ORDER else (len(BUCKET_ORDER), str(bucket))
 
 
-def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) interval of the mean of `values`; (nan, nan) when empty."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
+def proportion_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score (1 - alpha) interval of a proportion successes / n; (nan, nan) when n is 0.
+
+    Unlike a percentile bootstrap it does not collapse at 0 and 1: 0 of 64 gives [0, 0.057] (the exact
+    Clopper-Pearson upper bound is 0.056), where the bootstrap reports [0, 0]."""
+    if n <= 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
+    if not 0 <= successes <= n:
+        raise ValueError(f"proportion_ci: successes={successes} must lie in [0, n={n}]")
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _mean(values: list[float]) -> float:
@@ -46,7 +52,7 @@ def aggregate(records: list[dict], timings: dict[tuple[str, str, int], dict]) ->
     rows = []
     for (model, sampler, steps, bucket), recs in groups.items():
         solved = [float(r["solved"]) for r in recs]
-        lo, hi = bootstrap_ci(solved)
+        lo, hi = proportion_ci(int(round(sum(solved))), len(solved))
         t = timings.get((model, sampler, steps)) or {}
         seconds = float(t.get("seconds") or 0.0)
         tps = float(t.get("tokens", 0)) / seconds if seconds > 0 else 0.0

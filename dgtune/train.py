@@ -91,6 +91,20 @@ def apply_lora(model, cfg: DictConfig):
     return get_peft_model(model, lcfg)
 
 
+ROUTER_PARAM = ".router."  # DiffusionGemma's MoE router: router.proj.weight, router.scale, router.per_expert_scale
+
+
+def freeze_router(model) -> int:
+    """Freeze the MoE router's parameters for a full fine-tune (everything else trains), TRL's default;
+    `trainer.train_router=true` trains it too. Returns how many parameter tensors were frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ROUTER_PARAM in name and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def mixed_precision(cfg: DictConfig) -> str:
     """`trainer.mixed_precision`: 'auto' picks bf16 on GPUs and on CPUs with bf16 support, else 'no'."""
     mp = cfg.trainer.mixed_precision
@@ -120,6 +134,8 @@ def train(cfg: DictConfig) -> dict:
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    elif not cfg.trainer.train_router:
+        freeze_router(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 

@@ -2,6 +2,8 @@
 
 import copy
 
+import torch
+
 from omegaconf import OmegaConf
 
 from dgtune.config import compose
@@ -24,3 +26,29 @@ def test_default_targets_and_optional_experts(tiny):
     cfg = OmegaConf.merge(cfg, {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 4})
     names = _trainable(apply_lora(copy.deepcopy(model), cfg))
     assert any("experts" in n for n in names) and not any("router" in n for n in names)
+
+
+def _full_finetune(tmp_path, extra):
+    from dgtune.train import train
+
+    cfg = compose(["recipe=sudoku_4x4_full", "trainer.max_steps=2", "trainer.batch_size=4", "task.n_train=16",
+                   "task.n_val=4", "task.n_test=4", "eval.at_end=false", "eval.quick_every=0", "trainer.progress_bar=false",
+                   "trainer.mixed_precision=no", f"run_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", *extra])
+    train(cfg)
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / "final" / "model.safetensors"))
+
+
+def test_full_finetune_freezes_the_router_unless_asked(tmp_path):
+    from dgtune.models.load import BUNDLED_DIR
+    from safetensors.torch import load_file
+
+    base = load_file(str(BUNDLED_DIR / "model.safetensors"))
+    tuned = _full_finetune(tmp_path / "frozen", [])
+    router = [n for n in base if ".router." in n]
+    assert router and all(torch.equal(base[n], tuned[n]) for n in router)
+    assert not torch.equal(base["model.decoder.layers.0.self_attn.q_proj.weight"],
+                           tuned["model.decoder.layers.0.self_attn.q_proj.weight"])
+    trained = _full_finetune(tmp_path / "trained", ["trainer.train_router=true"])
+    assert any(not torch.equal(base[n], trained[n]) for n in router)

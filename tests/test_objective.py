@@ -170,3 +170,22 @@ def test_mean_loo_posterior_and_loss(tiny):
         assert "mean_loo" in str(e)
     else:
         raise AssertionError("mean_loo with masked noise must be rejected")
+
+
+def test_masked_loss_floors_the_weight_and_normalises_per_example():
+    from dgtune.diffusion.objective import masked_canvas_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 9, generator=g)
+    target = torch.randint(0, 9, (2, 6), generator=g)
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(2, 6)
+    corrupted = torch.ones(2, 6, dtype=torch.bool)
+    free = torch.tensor([[1.0] * 6, [1.0, 1.0, 0, 0, 0, 0]])  # a template leaves 6 and 2 free positions
+    t = torch.tensor([0.5, 0.25])
+    expected = ((ce[0] / 0.5).sum() / 6 + (ce[1, :2] / 0.25).sum() / 2) / 2  # each example's mean, then the mean
+    torch.testing.assert_close(masked_canvas_loss(logits, target, corrupted, t, free), expected)
+    # at t = eps = 1e-4 the weight is floored at 1 / 1e-3, not 1e4
+    tiny_t = torch.tensor([1e-4, 1e-4])
+    torch.testing.assert_close(masked_canvas_loss(logits, target, corrupted, tiny_t, None), ce.mean() / 1e-3)
+    torch.testing.assert_close(masked_canvas_loss(logits, target, corrupted, tiny_t, None, t_min=1e-4),
+                               ce.mean() / 1e-4)

@@ -88,7 +88,7 @@ def denoising_loss(
             logits = loo_to_denoiser_logits(logits, noisy, t)
         diff = flat_canvas_loss(logits, clean, weight)
     else:
-        diff = masked_canvas_loss(logits, clean, corrupted, t, weight)
+        diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
     ar = ar_co_loss(encoder_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
     out = {"loss": loss, "diffusion_loss": diff.detach()}

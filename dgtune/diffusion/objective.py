@@ -11,7 +11,8 @@ per-example noise level t ~ U(eps, 1 - eps) (`t_power` != 1: t = eps + (1 - 2 ep
   `model_prediction_type=mean_loo`); the loss is the cross-entropy of the denoising posterior it implies,
   p(x0_i = x | x_t) ∝ pi_i(x) q(y_i | x) with q(y | x) = (1 - t) 1[x = y] + t / V.
 - "masked" (LLaDA/MDLM-style): each position is replaced by [MASK] with probability t; cross-entropy on the
-  masked positions only, weighted by 1/t, averaged over canvas positions.
+  masked positions only, weighted by 1/max(t, t_min_weight), averaged over each example's free positions, then
+  over examples.
 
 Self-conditioning: with probability `self_cond_p` per example the decoder is conditioned on the logits of a
 first, no-grad pass. The encoder (which reads the whole clean sequence) adds an autoregressive co-loss.
@@ -39,6 +40,7 @@ class ObjectiveConfig:
     # > 0: the self-conditioning pass sees a noisier canvas, at level min(t + gap, 1 - eps), as when sampling (where
     # the previous step's logits came from the previous, noisier canvas); 0 = the same canvas (released)
     sc_noise_gap: float = 0.0
+    t_min_weight: float = 1e-3  # masked: the 1/t loss weight uses max(t, t_min_weight) (LLaDA-style floor)
 
 
 def sample_noise_level(
@@ -127,17 +129,18 @@ def flat_canvas_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
 
 
 def masked_canvas_loss(
-    logits: torch.Tensor, target: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None
+    logits: torch.Tensor, target: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None,
+    t_min: float = 1e-3,
 ) -> torch.Tensor:
-    """MDLM loss: CE on masked positions weighted 1/t, averaged over (weighted) canvas positions."""
+    """MDLM/LLaDA loss: CE on masked positions weighted 1 / max(t, t_min), summed per example over its free
+    positions (`weight` [b, l], 0 = template, never predicted) and divided by their number, then averaged over
+    examples (as LLaDA's SFT divides by each answer's length). The floor keeps the weight <= 1 / t_min (at
+    t = eps = 1e-4 it would be 1e4); without a template this is the sum over the batch / (b * l)."""
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
-    w = corrupted.float() / t[:, None]
-    if weight is not None:
-        w = w * weight
-        denom = weight.sum().clamp(min=1.0)
-    else:
-        denom = torch.tensor(float(target.numel()), device=target.device)
-    return (ce * w).sum() / denom
+    w = corrupted.float() / t.clamp(min=t_min)[:, None]  # [b, l]
+    free = torch.ones_like(ce) if weight is None else weight  # [b, l]
+    per_example = (ce * w * free).sum(-1) / free.sum(-1).clamp(min=1.0)  # [b]
+    return per_example.mean()
 
 
 def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -105,3 +105,22 @@ def test_plot_single_bucket(tmp_path):
     rows = aggregate([_rec("m", 4, None, 1.0, 1.0, 4.0)], {})
     plot_accuracy_vs_steps(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_base_rows_of_a_mean_loo_run_are_sampled_as_a_denoiser(tiny, tmp_path, monkeypatch):
+    import dgtune.eval.__main__ as ev
+    from dgtune.config import compose
+    from dgtune.tasks import build_task
+
+    seen = {}
+
+    def fake_evaluate(model, tokenizer, task, rows, steps, scfg, *args, **kwargs):
+        seen[args[2]] = scfg.prediction  # model name ("tuned" / "base") -> what the sampler reads the output as
+        return [], {}
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    cfg = compose(["recipe=sudoku_mean_loo", "task.n_test=4", f"eval.out_dir={tmp_path}"])
+    model, tok = tiny
+    task = build_task(cfg.task)
+    ev.run_report(model, tok, task, {"test": []}, cfg, tmp_path, base_model=model)
+    assert seen == {"tuned": "mean_loo", "base": "denoiser"}

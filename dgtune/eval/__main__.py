@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -63,8 +64,9 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
             base, _ = load_model(cfg.model)
             base.config.canvas_length = task.canvas_length
             ctx = nullcontext()
+        base_cfg = replace(scfg, prediction="denoiser")  # the base is a denoiser, whatever the adapter learned
         with ctx:
-            r2, t2 = evaluate(base, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "base", name)
+            r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name)
         records, timings = r2 + records, {**t2, **timings}
     if cfg.eval.get("guided"):  # verifier-guided renoising: its own curve, never mixed into the plain one
         r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",

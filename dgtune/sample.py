@@ -1,7 +1,8 @@
 """`python -m dgtune.sample RUN_DIR "sudoku:0030...": denoise a response for one prompt with a run's model.
 
-Extra `key=value` arguments override the run's config (e.g. `sampler.max_steps=12 seed=3`). Prints the
-response and the number of decoder forward passes.
+It samples exactly as `dgtune.eval` does (same sampler settings, the task's canvas template for template-trained
+runs, per-row seeds), at `sampler.max_steps` steps. Extra `key=value` arguments override the run's config (e.g.
+`sampler.max_steps=12 seed=3`). Prints the response, then its grade and the decoder forward passes.
 """
 
 from __future__ import annotations
@@ -9,15 +10,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
+
+
+def sample_prompt(model, tokenizer, task, prompt: str, cfg) -> dict:
+    """Sample one prompt through the eval path (`dgtune.eval.runner.evaluate` on a one-row list): returns its
+    record (`output` text, grade, `nfe`). A task with `row_from_prompt` validates the prompt first."""
+    from dgtune.eval.__main__ import sampler_config
+    from dgtune.eval.runner import evaluate
+    from dgtune.tasks.base import make_row
+
+    row = task.row_from_prompt(prompt) if hasattr(task, "row_from_prompt") else make_row(task.name, prompt, "")
+    records, _ = evaluate(model, tokenizer, task, [row], [cfg.sampler.max_steps], sampler_config(cfg, tokenizer), 1,
+                          cfg.seed, "tuned")
+    return records[0]
 
 
 def main(argv: list[str] | None = None) -> str:
     """CLI entry point."""
-    from dgtune.data import prompt_ids
-    from dgtune.eval.__main__ import load_run, merge_overrides, sampler_config
-    from dgtune.sampling.sampler import sample
+    from dgtune.eval.__main__ import load_run, merge_overrides
+    from dgtune.tasks import build_task
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
@@ -27,16 +39,14 @@ def main(argv: list[str] | None = None) -> str:
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a dgtune run folder (no config.yaml)")
     cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[2:])
+    task = build_task(cfg.task)
     model, tokenizer, _ = load_run(run_dir, cfg)
-    model.eval()
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
-    canvas_length = cfg.task.get("canvas_length") or model.config.canvas_length
-    res = sample(model, ids, sampler_config(cfg, tokenizer), torch.Generator().manual_seed(cfg.seed),
-                 tokenizer.eos_token_id, tokenizer.pad_token_id, canvas_length)
-    text = tokenizer.decode(res.tokens[0], skip_special_tokens=True)
-    print(text)
-    print(f"[dgtune] nfe={int(res.nfe[0])}", file=sys.stderr)
-    return text
+    model.config.canvas_length = task.canvas_length
+    rec = sample_prompt(model, tokenizer, task, prompt, cfg)
+    print(rec["output"])
+    grade = " ".join(f"{k}={rec[k]:.0f}" for k in ("solved", "parse_fail") if k in rec)
+    print(f"[dgtune] {grade} nfe={int(rec['nfe'])}", file=sys.stderr)
+    return rec["output"]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Canvas templates (givens clamped in the canvas) and verifier-guided renoising in the sampler."""
 
+import pytest
 import torch
 
 from dgtune.sampling.sampler import SamplerConfig, sample
@@ -41,3 +42,41 @@ def test_template_tokens_are_clamped_and_guided_sampling_runs(tiny):
             known = (template >= 0) & before_eos
             assert known.sum() > 10 and torch.equal(out.tokens[known], template[known]), strategy
             assert (out.nfe >= 1).all() and (out.nfe <= 6).all()
+
+
+def test_sample_cli_path_samples_as_eval_does_with_the_template(tiny):
+    from dgtune.config import compose
+    from dgtune.eval.__main__ import sampler_config
+    from dgtune.eval.runner import evaluate
+    from dgtune.sample import sample_prompt
+    from dgtune.tasks import build_task
+    from dgtune.tasks.sudoku import SudokuFormatError
+
+    model, tok = tiny
+    cfg = compose(["recipe=sudoku_4x4", "sampler.max_steps=2"])
+    task = build_task(cfg.task)
+    assert task.use_template
+    row = task.build_split("test", 1, 0)[0]
+    calls = []
+
+    def spy(*args, **kwargs):  # what the sampler is given and returns
+        res = sample(*args, **kwargs)
+        calls.append((kwargs.get("template"), res.tokens))
+        return res
+
+    old_length = model.config.canvas_length
+    model.config.canvas_length = task.canvas_length
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("dgtune.eval.runner.sample", spy)
+            rec = sample_prompt(model, tok, task, row["prompt"], cfg)
+        ref, _ = evaluate(model, tok, task, [row], [2], sampler_config(cfg, tok), 1, cfg.seed, "tuned")
+    finally:
+        model.config.canvas_length = old_length
+    assert rec["output"] == ref[0]["output"]
+    (template, tokens), = calls
+    known = template >= 0
+    assert known.any() and torch.equal(tokens[known], template[known])  # the givens are clamped
+    for bad in (row["prompt"][:-1], row["prompt"].replace("sudoku:", ""), "sudoku:1100" + "0" * 12):
+        with pytest.raises(SudokuFormatError):
+            task.row_from_prompt(bad)

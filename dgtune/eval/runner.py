@@ -47,7 +47,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
     are clamped; with `guided`, the task's rule checker vetoes accepted tokens that break a hard constraint.
 
-    Returns (records, timings): one record per (steps, row) with the row index, grade, bucket and NFE; timings map
+    Returns (records, timings): one record per (steps, row) with the row index, output text, grade, bucket and NFE; timings map
     (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
     """
     model.eval()
@@ -80,6 +80,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 for j, (i, text) in enumerate(zip(chunk, texts)):
                     grade = task.grade(rows[i], text)
                     records.append({"model": model_name, "sampler": sampler_name, "steps": int(steps), "row": int(i),
-                                    "bucket": rows[i].get("bucket") or None, "nfe": float(res.nfe[j]), **grade})
+                                    "bucket": rows[i].get("bucket") or None, "nfe": float(res.nfe[j]),
+                                    "output": text, **grade})
         timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
     return records, timings

@@ -51,6 +51,20 @@ class SudokuTask:
         """Rows from a CSV with header `puzzle,solution` (see `sudoku.read_csv`)."""
         return self._rows(sudoku.read_csv(path, self.size))
 
+    def row_from_prompt(self, prompt: str) -> dict:
+        """The row for a user prompt `sudoku:<grid>` (blanks `0` or `.`), graded by the rules; a malformed grid
+        raises SudokuFormatError saying what is wrong."""
+        prefix = sudoku.format_prompt("")
+        if not prompt.startswith(prefix):
+            raise sudoku.SudokuFormatError(f"prompt {prompt[:20]!r}... must start with {prefix!r}, then the "
+                                           f"{self.size * self.size} cells of the grid")
+        puzzle = prompt[len(prefix):].strip().replace(".", "0")
+        cells = sudoku._to_ints(puzzle, self.size)  # length and characters
+        if not sudoku._units_ok(puzzle, self.size, True):
+            raise sudoku.SudokuFormatError(f"puzzle {puzzle!r}: its givens contradict each other (a row, column or "
+                                           "box repeats a digit)")
+        return self._rows([{"puzzle": puzzle, "solution": "", "givens": sum(1 for v in cells if v)}])[0]
+
     def canvas_template(self, row: dict) -> list[str | None]:
         """The givens in their canvas positions (known, never corrupted, clamped when sampling); None = blank."""
         return [ch if ch != "0" else None for ch in row["puzzle"]]

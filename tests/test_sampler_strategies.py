@@ -260,3 +260,26 @@ def test_batch_invariance_bf16_decoder_on_uncertain_logits(tiny):
     for i in range(16):
         one = sample(model, prompts[i:i + 1], cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds[i:i + 1])
         assert torch.equal(one.tokens[0], big.tokens[i]), i
+
+
+def test_mean_loo_noise_level_counts_only_free_positions_with_a_template(tiny, monkeypatch):
+    """With a canvas template, t is the share of the free (non-template) positions that are noise, as in training:
+    1 on the first step, where every free position is a random token (not 1 - known / l)."""
+    model, tok = tiny
+    levels = []
+    orig = fast.loo_to_denoiser_logits
+
+    def spy(logits, noisy, t):
+        levels.append(t.clone())
+        return orig(logits, noisy, t)
+
+    monkeypatch.setattr(fast, "loo_to_denoiser_logits", spy)
+    l = model.config.canvas_length
+    template = torch.full((2, l), -1)
+    template[0, :8] = 9  # row 0: 8 known positions, row 1: none
+    template[1, 3] = 10  # row 1: one known position
+    cfg = SamplerConfig(mode="fast", max_steps=3, prediction="mean_loo", sync_every=1000)
+    sample(model, _prompts(2), cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=torch.tensor([3, 4]),
+           template=template)
+    torch.testing.assert_close(levels[0], torch.ones(2))
+    assert all(((t > 0) & (t <= 1)).all() for t in levels)

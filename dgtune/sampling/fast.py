@@ -116,6 +116,9 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     if known is not None:
         canvas, committed = torch.where(known, template, canvas), known.clone()
     kept = committed  # positions of the current canvas that are not noise (read by prediction="mean_loo")
+    # mean_loo: a row's noise level is the share of its free (non-template) positions that are noise, as in training,
+    # where t is the corruption rate of the positions the template leaves free
+    n_free = torch.full((b,), float(l), device=device) if known is None else (~known).sum(-1).float()  # [b]
     out = torch.empty(b, l, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
     rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
@@ -137,7 +140,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         if mask_id is not None:
             raw[..., mask_id] = float("-inf")  # never predict [MASK]
         if cfg.prediction == "mean_loo":  # leave-one-out output -> denoiser posterior at the canvas' noise level
-            t_row = (1.0 - kept.float().mean(-1)).clamp(1e-4, 1.0)  # [a] share of positions that are noise
+            free_a = n_free if raw.shape[0] == b else n_free[rows]  # [a]
+            t_row = ((~kept).sum(-1).float() / free_a.clamp(min=1.0)).clamp(1e-4, 1.0)  # [a] share of free positions that are noise
             raw = loo_to_denoiser_logits(raw, canvas, t_row)
         a = raw.shape[0]
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)

@@ -189,3 +189,30 @@ def test_masked_loss_floors_the_weight_and_normalises_per_example():
     torch.testing.assert_close(masked_canvas_loss(logits, target, corrupted, tiny_t, None), ce.mean() / 1e-3)
     torch.testing.assert_close(masked_canvas_loss(logits, target, corrupted, tiny_t, None, t_min=1e-4),
                                ce.mean() / 1e-4)
+
+
+def test_mean_loo_self_conditions_on_the_converted_posterior(tiny):
+    """prediction=mean_loo: the graded pass is conditioned on the denoiser posterior of the first pass (what the
+    sampler feeds back, before its temperature), not on the raw leave-one-out logits."""
+    from dgtune.diffusion.objective import loo_to_denoiser_logits
+
+    model, tok = tiny
+    batch = _batch(tok, model.config.canvas_length)
+    vocab = model.config.text_config.vocab_size
+    ours = denoising_loss(model, batch, ObjectiveConfig(ar_weight=0.0, prediction="mean_loo", self_cond_p=1.0),
+                          torch.Generator().manual_seed(4), vocab, None)
+    g = torch.Generator().manual_seed(4)  # the draws of denoising_loss, in its order
+    ids, am, plen, clean = batch["input_ids"], batch["attention_mask"], batch["prompt_len"], batch["canvas"]
+    b, s = ids.shape
+    l = clean.shape[1]
+    t = 1e-4 + (1 - 2e-4) * torch.rand(b, generator=g)
+    corrupt = torch.rand(b, l, generator=g) < t[:, None]
+    noisy = torch.where(corrupt, torch.randint(0, vocab, (b, l), generator=g), clean)
+    kw = dict(input_ids=ids, attention_mask=am, decoder_input_ids=noisy,
+              decoder_attention_mask=torch.cat([(torch.arange(s)[None] < plen[:, None]).long(), torch.ones(b, l, dtype=torch.long)], 1),
+              decoder_position_ids=plen[:, None] + torch.arange(l)[None])
+    with torch.no_grad():
+        first = loo_to_denoiser_logits(model(**kw).logits, noisy, t)
+    out = model(**kw, self_conditioning_logits=first, self_conditioning_mask=torch.ones(b, dtype=torch.bool))
+    expected = F.cross_entropy(loo_to_denoiser_logits(out.logits, noisy, t).flatten(0, 1), clean.flatten())
+    torch.testing.assert_close(ours["loss"].detach(), expected.detach(), rtol=1e-5, atol=1e-5)

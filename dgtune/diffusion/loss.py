@@ -21,7 +21,8 @@ from dgtune.diffusion.objective import (
 def denoising_loss(
     model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None
 ) -> dict[str, torch.Tensor]:
-    """Loss of one batch. Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
+    """Loss of one batch (with `prediction="mean_loo"` the self-conditioning pass's output is converted to the
+    denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
     then with `sc_noise_gap` > 0 the self-conditioning canvas' extra corruption [b, l] (+ random tokens).
 
     batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
@@ -62,9 +63,10 @@ def denoising_loss(
 
     sc_logits = None
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):
-        sc_input = noisy
+        sc_input, t_sc = noisy, t
         if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
             t_more = (t + cfg.sc_noise_gap).clamp(max=1.0 - cfg.eps)  # [b]
+            t_sc = t_more
             if cfg.kind == "uniform":
                 replacement = torch.randint(0, vocab_size, (b, l), generator=generator, device=device)
             else:
@@ -72,6 +74,8 @@ def denoising_loss(
             sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
         with torch.no_grad():
             sc_logits = decode(model, sc_input, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
+            if cfg.prediction == "mean_loo":  # condition on the posterior it implies, as the sampler does (and Google's
+                sc_logits = loo_to_denoiser_logits(sc_logits, sc_input, t_sc)  # reference): not the raw LOO logits
     logits = decode(
         model,
         noisy,

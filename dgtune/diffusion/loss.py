@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, encode, encoder_logits
+from dgtune.diffusion.model_calls import decode, decoder_context, encode, encoder_logits, training_cache
 from dgtune.diffusion.objective import (
     ObjectiveConfig,
     ar_co_loss,
@@ -55,11 +55,10 @@ def denoising_loss(
     if cfg.ar_weight == 0:
         s = int(prompt_len.max())
         input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
-    cache, enc_hidden = encode(model, input_ids, attention_mask)
-    offsets = torch.arange(l, device=device)
-    cache_mask = (torch.arange(s, device=device)[None, :] < prompt_len[:, None]).long()  # [b, s]
-    dec_mask = torch.cat([cache_mask, torch.ones(b, l, dtype=torch.long, device=device)], dim=1)  # [b, s + l]
-    dec_pos = prompt_len[:, None] + offsets[None, :]  # [b, l]
+    # With sliding-window layers the decoder's cache and masks are cut per row to what sampling sees.
+    cache, enc_hidden = encode(model, input_ids, attention_mask, cache=training_cache(model))
+    cache, dec_mask = decoder_context(model, cache, prompt_len, l)  # mask [b, s + l] or {layer type: 4D}
+    dec_pos = prompt_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
 
     sc_logits = None
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):

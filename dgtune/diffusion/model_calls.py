@@ -6,6 +6,8 @@ decode twice (self-conditioning) and the sampler can encode once and decode ever
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from dgtune.diffusion.objective import softcap
@@ -55,3 +57,65 @@ def decode(
         decoder_position_ids=decoder_position_ids,
     )
     return softcap(core.lm_head(out.last_hidden_state), core.config.text_config.final_logit_softcapping)
+
+
+def has_sliding_layers(model) -> bool:
+    """Whether the model has sliding-window attention layers."""
+    return "sliding_attention" in unwrap(model).config.text_config.layer_types
+
+
+def training_cache(model):
+    """The cache to pass to `encode` for a training batch: None (the model's own cache) without sliding layers; with
+    them a plain `DynamicCache`, which keeps every layer's full keys/values (a sliding-window cache keeps only the last
+    W-1 tokens of prompt + response + padding) for `decoder_context` to cut per row."""
+    from transformers import DynamicCache
+
+    return DynamicCache() if has_sliding_layers(model) else None
+
+
+def decoder_context(model, cache, prompt_len: torch.Tensor, canvas_length: int):
+    """(cache, decoder_attention_mask) to decode canvases [b, l] after a right-padded encoder pass whose rows hold
+    prompts of lengths prompt_len [b] (then response / padding), such that every decoder layer sees what it sees when
+    sampling after encoding the prompt alone: full layers the prompt [0, P), sliding layers what a sliding-window
+    cache keeps of it, the last W-1 tokens [max(0, P - W + 1), P), and all layers the whole canvas.
+
+    Without sliding layers: the encoder's cache and a 2D mask [b, s + l]. With them (the cache from `training_cache`):
+    a shallow copy of the cache cut to the columns some row needs (full layers [0, max P), sliding layers
+    [min lo, max P)) and one 4D mask per layer type (the attention implementation's format)."""
+    core = unwrap(model)
+    text = core.config.text_config
+    device = prompt_len.device
+    b = prompt_len.shape[0]
+    s = cache.get_seq_length()
+    canvas_cols = torch.ones(b, canvas_length, dtype=torch.bool, device=device)  # [b, l]
+    if not has_sliding_layers(model):
+        cache_mask = torch.arange(s, device=device)[None, :] < prompt_len[:, None]  # [b, s]
+        return cache, torch.cat([cache_mask, canvas_cols], dim=1).long()  # [b, s + l]
+    if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        raise ValueError("decoder_context needs the full cache of `training_cache(model)` for a model with "
+                         "sliding-window layers")
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, bidirectional_mask_function
+
+    hi = int(prompt_len.max())
+    first = (prompt_len - (text.sliding_window - 1)).clamp(min=0)  # [b] first prompt token a sliding cache keeps
+    cuts = {"full_attention": torch.zeros_like(prompt_len), "sliding_attention": first}
+    out = copy.copy(cache)
+    out.layers = []
+    for kind, layer in zip(text.layer_types, cache.layers):
+        lo = int(cuts[kind].min())
+        layer = copy.copy(layer)
+        layer.keys, layer.values = layer.keys[:, :, lo:hi], layer.values[:, :, lo:hi]  # [b, h, hi - lo, d]
+        out.layers.append(layer)
+    masks = {}
+    for kind, start in cuts.items():
+        lo = int(start.min())
+        cols = torch.arange(lo, hi, device=device)[None, :]  # [1, hi - lo] absolute prompt positions
+        visible = (cols >= start[:, None]) & (cols < prompt_len[:, None])  # [b, hi - lo]
+        padding = torch.cat([visible, canvas_cols], dim=1)  # [b, hi - lo + l]
+        masks[kind] = ALL_MASK_ATTENTION_FUNCTIONS[text._attn_implementation](
+            batch_size=b, q_length=canvas_length, kv_length=padding.shape[1], q_offset=0, kv_offset=0,
+            mask_function=bidirectional_mask_function, attention_mask=padding, allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False, dtype=core.model.decoder.embed_tokens.weight.dtype, config=text,
+            use_vmap=False, device=device,
+        )
+    return out, masks

@@ -1,4 +1,4 @@
-"""Load a DiffusionGemma (bundled tiny base, a local folder, a Hub id, or a fresh tiny one) and its tokenizer."""
+"""Load a DiffusionGemma (bundled tiny base, a local folder, a Hub id, a fresh tiny or 26B-shaped one) and its tokenizer."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         from dgtune.models.tiny import build_tiny_model
 
         return build_tiny_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+    if cfg.source == "shaped":
+        from dgtune.models.shaped import build_shaped_model
+
+        return build_shaped_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
     if cfg.source == "bundled":
         path = str(BUNDLED_DIR)
         if not (BUNDLED_DIR / "model.safetensors").exists():
@@ -66,7 +70,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     elif cfg.source == "pretrained":
         path = resolve_model_path(cfg.name_or_path)
     else:
-        raise ValueError(f"model.source must be 'bundled', 'pretrained' or 'scratch', got {cfg.source!r}")
+        raise ValueError(f"model.source must be 'bundled', 'pretrained', 'scratch' or 'shaped', got {cfg.source!r}")
     trust = bool(cfg.get("trust_remote_code", False))
     kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}
     if cfg.get("attn_implementation"):

@@ -53,6 +53,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def build_vision_stub() -> Gemma4VisionConfig:
+    """A one-layer, 8-wide vision tower config (DiffusionGemma needs one; the default is 169M parameters)."""
+    return Gemma4VisionConfig(
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+        position_embedding_size=16,
+    )
+
+
 def build_tiny_config(
     vocab_size: int,
     hidden_size: int = 160,
@@ -87,19 +100,10 @@ def build_tiny_config(
         eos_token_id=1,
         bos_token_id=2,
     )
-    vision = Gemma4VisionConfig(
-        hidden_size=8,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=8,
-        position_embedding_size=16,
-    )
     # The image-token ids point at <|image|>, the last id, which text never contains.
     return DiffusionGemmaConfig(
         text_config=text,
-        vision_config=vision,
+        vision_config=build_vision_stub(),
         canvas_length=canvas_length,
         boi_token_id=vocab_size - 1,
         eoi_token_id=vocab_size - 1,

@@ -23,12 +23,13 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def base():
-    """A small DiffusionGemma (sliding + full attention layers, MoE) with a 300-token vocabulary and soft-cap 5 on
+    """A small DiffusionGemma (sliding (window 6) + full attention layers, MoE) with a 300-token vocabulary, soft-cap 5 on
     logits of magnitude ~5-10, so tanh is far from linear."""
     config = build_tiny_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                head_dim=16, intermediate_size=32, moe_intermediate_size=16, canvas_length=CANVAS,
                                layer_types=["sliding_attention", "full_attention"])
     config.text_config.final_logit_softcapping = 5.0
+    config.text_config.sliding_window = 6  # shorter than the rows: the sliding cache layers drop old columns
     torch.manual_seed(0)
     model = DiffusionGemmaForBlockDiffusion(config)
     with torch.no_grad():

@@ -37,7 +37,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None  # [n, d]
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
+        grad_weight = None  # [v, d], accumulated over chunks in float32
+        if grad_weight_needed:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             h = hidden[rows]  # [c, d]
@@ -45,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raw = F.linear(h, weight)  # [c, v] (bf16 under bf16 autocast)
             raw_dtype = raw.dtype
             raw = raw.float()
-            tanh = None if cap is None else torch.tanh(raw / cap)  # [c, v]
+            tanh = None if cap is None else raw.div_(cap).tanh_()  # [c, v], in place of raw
             logits = raw if cap is None else tanh * cap  # [c, v]
             del raw
             if logit_offset is not None:  # mean_loo: + log q(y | x), log_other everywhere, log_same at y

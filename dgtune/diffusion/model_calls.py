@@ -39,7 +39,8 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def lm_head_weight(model) -> tuple[torch.Tensor, float | None]:
     """(LM-head weight [v, d], final-logit soft-cap) for the chunked losses (`dgtune.diffusion.chunked`)."""
     core = unwrap(model)
-    if getattr(core.lm_head, "bias", None) is not None or not isinstance(getattr(core.lm_head, "weight", None), torch.Tensor):
+    head = core.lm_head
+    if getattr(head, "bias", None) is not None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"objective.loss_chunk needs a bias-free linear LM head, got {type(core.lm_head).__name__}")
     return core.lm_head.weight, core.config.text_config.final_logit_softcapping
 

@@ -147,3 +147,32 @@ def test_gradient_checkpointing_matches_plain(base, chunk):
     with torch.no_grad():  # no replay outside training
         denoising_loss(model, batch, cfg, torch.Generator().manual_seed(0), VOCAB, MASK_ID)
     assert counts == {"encoder": 3, "decoder": 5}
+
+
+def test_gradient_checkpointing_with_a_lazily_grown_cache(base):
+    """The encoder replay also works on a `DynamicCache()` without config, whose layers are appended as the encoder
+    layers write (the full-keys training cache used with sliding-window layers): gradients through the hidden states
+    and through the cached keys/values match, and the cache holds each layer's keys once."""
+    from transformers import DynamicCache
+
+    from dgtune.diffusion.model_calls import encode
+
+    batch = _batch(False)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    model = _lora(base)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        cache, hidden = encode(model, ids, am, cache=DynamicCache())
+        assert all(layer.keys.shape[2] == ids.shape[1] for layer in cache.layers)
+        kv = sum(layer.keys.pow(2).mean() + layer.values.pow(2).mean() for layer in cache.layers)
+        (hidden.pow(2).mean() + kv).backward()
+        assert all(layer.keys.shape[2] == ids.shape[1] for layer in cache.layers)  # not appended again by the replay
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    enable_gradient_checkpointing(model)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], **TOL, msg=n)

@@ -23,6 +23,7 @@ from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
 from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import ObjectiveConfig
+from dgtune.models.checkpointing import enable_gradient_checkpointing
 from dgtune.models.load import load_model
 from dgtune.tasks import build_task
 from dgtune.tracking import Tracker
@@ -136,6 +137,8 @@ def train(cfg: DictConfig) -> dict:
         model = apply_lora(model, cfg.lora)
     elif not cfg.trainer.train_router:
         freeze_router(model)
+    if cfg.trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 

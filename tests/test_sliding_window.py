@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dgtune.diffusion.loss as loss_mod
-from dgtune.diffusion.model_calls import decode, encode
+from dgtune.diffusion.model_calls import decode, decode_hidden, encode, lm_logits
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.shaped import build_shaped_model
 
@@ -52,11 +52,11 @@ def training_vs_sampling(model, monkeypatch, ar_weight):
     calls = []
 
     def recording_decode(*args, **kwargs):
-        out = decode(*args, **kwargs)
-        calls.append((args[1], out))  # (canvas [b, l], logits [b, l, v])
+        out = decode_hidden(*args, **kwargs)
+        calls.append((args[1], lm_logits(args[0], out)))  # (canvas [b, l], logits [b, l, v])
         return out
 
-    monkeypatch.setattr(loss_mod, "decode", recording_decode)
+    monkeypatch.setattr(loss_mod, "decode_hidden", recording_decode)
     cfg = ObjectiveConfig(kind="uniform", self_cond_p=0.0, ar_weight=ar_weight)
     with torch.no_grad():
         loss_mod.denoising_loss(model, batch, cfg, torch.Generator().manual_seed(1), vocab, None)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, decoder_context, encode, encoder_logits, training_cache
+from dgtune.diffusion.chunked import chunked_ar_loss, chunked_canvas_loss
+from dgtune.diffusion.model_calls import (
+    decode_hidden,
+    decoder_context,
+    encode,
+    lm_head_weight,
+    lm_logits,
+    self_conditioning_embeddings,
+    training_cache,
+)
 from dgtune.diffusion.objective import (
     ObjectiveConfig,
     ar_co_loss,
@@ -60,7 +69,9 @@ def denoising_loss(
     cache, dec_mask = decoder_context(model, cache, prompt_len, l)  # mask [b, s + l] or {layer type: 4D}
     dec_pos = prompt_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
 
-    sc_logits = None
+    # objective.loss_chunk > 0: no [b, l, v] logits; losses and the self-conditioning input come from hidden states
+    chunk = cfg.loss_chunk
+    sc_logits = sc_embeds = None
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):
         sc_input, t_sc = noisy, t
         if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
@@ -72,10 +83,17 @@ def denoising_loss(
                 replacement = torch.full_like(clean, mask_token_id)
             sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
         with torch.no_grad():
-            sc_logits = decode(model, sc_input, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
-            if cfg.prediction == "mean_loo":  # condition on the posterior it implies, as the sampler does (and Google's
-                sc_logits = loo_to_denoiser_logits(sc_logits, sc_input, t_sc)  # reference): not the raw LOO logits
-    logits = decode(
+            sc_hidden = decode_hidden(model, sc_input, cache, decoder_attention_mask=dec_mask,
+                                      decoder_position_ids=dec_pos)  # [b, l, d]
+            sc_logits = None if chunk else lm_logits(model, sc_hidden)  # [b, l, v]
+            # mean_loo: condition on the denoiser posterior the first pass implies, as the sampler does (and Google's
+            # reference), not on the raw leave-one-out logits
+            loo = (sc_input, t_sc) if cfg.prediction == "mean_loo" else None
+            if loo is not None and sc_logits is not None:
+                sc_logits = loo_to_denoiser_logits(sc_logits, *loo)
+        if chunk:
+            sc_embeds = self_conditioning_embeddings(model, sc_hidden, sc_gate, chunk, loo)  # [b, l, d]
+    hidden = decode_hidden(
         model,
         noisy,
         cache,
@@ -83,16 +101,24 @@ def denoising_loss(
         self_conditioning_mask=sc_gate if sc_logits is not None else None,
         decoder_attention_mask=dec_mask,
         decoder_position_ids=dec_pos,
-    )  # [b, l, v]
+        self_conditioning_embeddings=sc_embeds,
+    )  # [b, l, d]
 
     weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
-    if cfg.kind == "uniform":
-        if cfg.prediction == "mean_loo":  # the decoder predicts the leave-one-out posterior
-            logits = loo_to_denoiser_logits(logits, noisy, t)
-        diff = flat_canvas_loss(logits, clean, weight)
+    if chunk:
+        lm_weight, cap = lm_head_weight(model)
+        diff = chunked_canvas_loss(hidden, lm_weight, cap, chunk, clean, noisy, corrupted, t, weight, cfg.kind,
+                                   cfg.prediction, cfg.t_min_weight)
+        ar = chunked_ar_loss(enc_hidden, lm_weight, cap, chunk, input_ids, attention_mask) if cfg.ar_weight > 0 else None
     else:
-        diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
-    ar = ar_co_loss(encoder_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
+        logits = lm_logits(model, hidden)  # [b, l, v]
+        if cfg.kind == "uniform":
+            if cfg.prediction == "mean_loo":  # the decoder predicts the leave-one-out posterior
+                logits = loo_to_denoiser_logits(logits, noisy, t)
+            diff = flat_canvas_loss(logits, clean, weight)
+        else:
+            diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
+        ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
     out = {"loss": loss, "diffusion_loss": diff.detach()}
     if ar is not None:

@@ -41,6 +41,9 @@ class ObjectiveConfig:
     # the previous step's logits came from the previous, noisier canvas); 0 = the same canvas (released)
     sc_noise_gap: float = 0.0
     t_min_weight: float = 1e-3  # masked: the 1/t loss weight uses max(t, t_min_weight) (LLaDA-style floor)
+    # memory, not maths: > 0 computes the cross-entropies from hidden states and the LM-head weight this many tokens
+    # at a time (`dgtune.diffusion.chunked`, no [b, l, v] float32 logits); 0 = full logits (same values, gradients)
+    loss_chunk: int = 0
 
 
 def sample_noise_level(
@@ -98,6 +101,13 @@ def corrupt_masked(
     return torch.where(corrupted, torch.full_like(clean, mask_id), clean), corrupted
 
 
+def loo_log_likelihoods(t: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q(y | x) of uniform noise at level t [b]: (log_other [b] for y != x, log_same [b] for y == x)."""
+    log_other = torch.log(t / vocab_size)  # y != x: only a random draw that landed on y
+    log_same = torch.log((1 - t) + t / vocab_size)  # y == x: kept, or redrawn as itself
+    return log_other, log_same
+
+
 def loo_to_denoiser_logits(loo_logits: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Unnormalised log denoising posterior from leave-one-out logits, under uniform noise at level t.
 
@@ -105,11 +115,9 @@ def loo_to_denoiser_logits(loo_logits: torch.Tensor, noisy: torch.Tensor, t: tor
     loo_logits [b, l, v] (float), noisy [b, l] (the observed tokens y), t [b]. Returns [b, l, v].
     """
     v = loo_logits.shape[-1]
-    t = t.to(loo_logits.dtype)[:, None, None]  # [b, 1, 1]
-    log_other = torch.log(t / v)  # y != x: only a random draw that landed on y
-    log_same = torch.log((1 - t) + t / v)  # y == x: kept, or redrawn as itself
+    log_other, log_same = loo_log_likelihoods(t.to(loo_logits.dtype), v)  # [b], [b]
     observed = F.one_hot(noisy, v).bool()  # [b, l, v]
-    return loo_logits + torch.where(observed, log_same, log_other)
+    return loo_logits + torch.where(observed, log_same[:, None, None], log_other[:, None, None])
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -120,12 +128,32 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
+def flat_token_weights(target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position weights [b, l] of the flat canvas loss (its value is sum(w * ce)): 1 / (b l), or the
+    normalised `weight` [b, l] (0 = ignore)."""
+    if weight is None:
+        return torch.full(target.shape, 1.0 / target.numel(), device=target.device)
+    return weight / weight.sum().clamp(min=1.0)
+
+
+def masked_token_weights(
+    target: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, t_min: float = 1e-3
+) -> torch.Tensor:
+    """Per-position weights [b, l] of the MDLM/LLaDA loss (its value is sum(w * ce)): 1 / max(t, t_min) on masked
+    positions, divided by the example's number of free positions (`weight` [b, l], 0 = template, never predicted)
+    and by the batch size, i.e. each example's mean over its free positions, then the mean over examples (as
+    LLaDA's SFT divides by each answer's length). The floor keeps the weight <= 1 / t_min (at t = eps = 1e-4 it
+    would be 1e4); without a template this is 1 / (t b l)."""
+    b = target.shape[0]
+    free = torch.ones(target.shape, device=target.device) if weight is None else weight.float()  # [b, l]
+    w = corrupted.float() / t.clamp(min=t_min)[:, None]  # [b, l]
+    return w * free / (free.sum(-1, keepdim=True).clamp(min=1.0) * b)
+
+
 def flat_canvas_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over every canvas position. logits [b, l, v], target [b, l], weight [b, l] (0 = ignore)."""
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
-    if weight is None:
-        return ce.mean()
-    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+    return (ce * flat_token_weights(target, weight)).sum()
 
 
 def masked_canvas_loss(
@@ -137,10 +165,14 @@ def masked_canvas_loss(
     examples (as LLaDA's SFT divides by each answer's length). The floor keeps the weight <= 1 / t_min (at
     t = eps = 1e-4 it would be 1e4); without a template this is the sum over the batch / (b * l)."""
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
-    w = corrupted.float() / t.clamp(min=t_min)[:, None]  # [b, l]
-    free = torch.ones_like(ce) if weight is None else weight  # [b, l]
-    per_example = (ce * w * free).sum(-1) / free.sum(-1).clamp(min=1.0)  # [b]
-    return per_example.mean()
+    return (ce * masked_token_weights(target, corrupted, t, weight, t_min)).sum()
+
+
+def ar_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets of the encoder's AR co-loss: (input_ids[:, 1:] [b, s-1], valid [b, s-1] bool: both the
+    token and its successor are real)."""
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [b, s-1]
+    return input_ids[:, 1:], valid
 
 
 def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,6 +180,6 @@ def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_
 
     encoder_logits [b, s, v], input_ids [b, s], attention_mask [b, s].
     """
-    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [b, s-1]
-    targets = torch.where(valid, input_ids[:, 1:], -100)
+    next_ids, valid = ar_targets(input_ids, attention_mask)  # [b, s-1], [b, s-1]
+    targets = torch.where(valid, next_ids, -100)
     return F.cross_entropy(encoder_logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -19,13 +19,17 @@ from dgtune.diffusion.objective import (
 
 
 def denoising_loss(
-    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None
+    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None,
+    rows: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch. Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
     then with `sc_noise_gap` > 0 the self-conditioning canvas' extra corruption [b, l] (+ random tokens).
 
     batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
     canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
+    rows: with several processes, `batch` is the global batch and `rows` this process' share of it: every draw
+    is made for the whole batch (identically on every process) and then sliced, so the loss of a row does not
+    depend on the number of processes; only the model calls run on `rows`. None = every row.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     clean, prompt_len = batch["canvas"], batch["prompt_len"]
@@ -47,20 +51,7 @@ def denoising_loss(
     else:
         raise ValueError(f"unknown objective.kind={cfg.kind!r} (expected 'uniform' or 'masked')")
     sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
-
-    # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
-    # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
-    # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
-    if cfg.ar_weight == 0:
-        s = int(prompt_len.max())
-        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
-    cache, enc_hidden = encode(model, input_ids, attention_mask)
-    offsets = torch.arange(l, device=device)
-    cache_mask = (torch.arange(s, device=device)[None, :] < prompt_len[:, None]).long()  # [b, s]
-    dec_mask = torch.cat([cache_mask, torch.ones(b, l, dtype=torch.long, device=device)], dim=1)  # [b, s + l]
-    dec_pos = prompt_len[:, None] + offsets[None, :]  # [b, l]
-
-    sc_logits = None
+    sc_input = None  # the self-conditioning pass' canvas [b, l], when it runs
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):
         sc_input = noisy
         if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
@@ -70,6 +61,27 @@ def denoising_loss(
             else:
                 replacement = torch.full_like(clean, mask_token_id)
             sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
+
+    # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
+    # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
+    # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
+    if cfg.ar_weight == 0:
+        s = int(prompt_len.max())
+        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
+    if rows is not None:  # this process' rows of the global batch (draws above were made for all of them)
+        input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input = (
+            None if x is None else x[rows]
+            for x in (input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input)
+        )
+        b = input_ids.shape[0]
+    cache, enc_hidden = encode(model, input_ids, attention_mask)
+    offsets = torch.arange(l, device=device)
+    cache_mask = (torch.arange(s, device=device)[None, :] < prompt_len[:, None]).long()  # [b, s]
+    dec_mask = torch.cat([cache_mask, torch.ones(b, l, dtype=torch.long, device=device)], dim=1)  # [b, s + l]
+    dec_pos = prompt_len[:, None] + offsets[None, :]  # [b, l]
+
+    sc_logits = None
+    if sc_input is not None:
         with torch.no_grad():
             sc_logits = decode(model, sc_input, cache, decoder_attention_mask=dec_mask, decoder_position_ids=dec_pos)
     logits = decode(
@@ -95,3 +107,23 @@ def denoising_loss(
     if ar is not None:
         out["ar_loss"] = ar.detach()
     return out
+
+
+class DenoisingLoss(torch.nn.Module):
+    """`denoising_loss` as a module around the model, for accelerate to wrap (DDP, FSDP, DeepSpeed).
+
+    The whole loss (encoder, no-grad self-conditioning pass, graded decoder pass, AR co-loss) runs inside this
+    forward, so the wrapper's hooks (gradient all-reduce, parameter gathering) see every model call; calling the
+    encoder and decoder of a wrapped model directly would bypass them. Sampling, eval and checkpoints use `.model`.
+    """
+
+    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+
+    def forward(self, batch: dict, generator: torch.Generator, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The loss dict of `denoising_loss` for `rows` of the (global) batch."""
+        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows)

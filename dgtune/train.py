@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -81,6 +82,10 @@ def train(cfg: DictConfig) -> dict:
                          InitProcessGroupKwargs(timeout=timedelta(minutes=tc.dist_timeout_min))],
     )
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # e.g. torchrun on a machine without GPUs and trainer.device=auto: each would train alone
+        raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {world} process(es) "
+                           f"({accelerator.distributed_type}); on CPUs pass trainer.device=cpu")
     run_dir = shared_run_dir(cfg, accelerator)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -107,3 +107,13 @@ def test_resumed_two_process_run_equals_uninterrupted(runs):
     a, b = _adapter(root / "two"), _adapter(root / "resumed")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_torchrun_without_a_process_group_fails_clearly(tmp_path):
+    # without trainer.device=cpu on a machine without GPUs accelerate sets up no process group: each process
+    # would train alone and write the same run folder
+    args = [a for a in TINY if a != "trainer.device=cpu"] + ["trainer.device=auto", "run_dir=r"]
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("GPUs present: accelerate sets up NCCL")
+    out = _finish(_start(args, tmp_path, 2))
+    assert out.startswith("FAILED") and "WORLD_SIZE=2" in out and "trainer.device=cpu" in out

@@ -8,12 +8,18 @@ from pathlib import Path
 
 
 class Tracker:
-    """Append-only JSONL metrics plus an optional W&B run (offline when no API key is set)."""
+    """Append-only JSONL metrics plus an optional W&B run (offline when no API key is set).
 
-    def __init__(self, run_dir: Path, cfg, run_config: dict, name: str, group: str | None, resume_id: str | None = None):
+    `enabled=False` (every process but the main one of a multi-process run) writes nothing."""
+
+    def __init__(self, run_dir: Path, cfg, run_config: dict, name: str, group: str | None, resume_id: str | None = None,
+                 enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
         self.wandb = None
         self.run_id = resume_id
+        if not enabled:
+            return
         if cfg.kind == "wandb":
             import wandb
 
@@ -33,6 +39,8 @@ class Tracker:
 
     def log(self, metrics: dict, step: int) -> None:
         """Write one metrics record."""
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:

@@ -9,65 +9,27 @@ At the end: the final adapter/model in `<run_dir>/final`, and the full eval repo
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import sys
 import time
-from pathlib import Path
+from datetime import timedelta
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
-from dgtune.diffusion.loss import denoising_loss
+from dgtune.diffusion.loss import DenoisingLoss
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.checkpointing import enable_gradient_checkpointing
 from dgtune.models.load import load_model
+from dgtune.run_folder import shared_run_dir, sweep_group
 from dgtune.tasks import build_task
 from dgtune.tracking import Tracker
-
-
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """`cfg.run_dir`, or `<runs_root>/<run_name>-<time>`; with `resume=true` and no run_dir, the newest run of
-    that name that has a checkpoint."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    root = Path(cfg.runs_root)
-    if cfg.resume:
-        found = sorted(root.glob(f"{cfg.run_name}-*"), key=lambda p: p.stat().st_mtime)
-        found = [p for p in found if latest_checkpoint(p) is not None]
-        if not found:
-            raise FileNotFoundError(f"resume=true but no run named {cfg.run_name}-* with a checkpoint under {root}/")
-        return found[-1]
-    suffix = time.strftime("%Y%m%d-%H%M%S")
-    job = _hydra_job_num()
-    return root / (f"{cfg.run_name}-{suffix}" + (f"-j{job}" if job is not None else ""))
-
-
-def _hydra_job_num():
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        return hc.job.num if hc.mode.name == "MULTIRUN" else None
-    except Exception:
-        return None
-
-
-def _sweep_group(cfg: DictConfig) -> str | None:
-    if cfg.logger.get("group"):
-        return cfg.logger.group
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        if hc.mode.name == "MULTIRUN":
-            return f"{cfg.run_name}-{Path(hc.sweep.dir).name}"
-    except Exception:
-        pass
-    return None
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -117,13 +79,29 @@ def mixed_precision(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train as configured; returns a summary dict (run_dir, steps, final loss, eval report path)."""
+    """Train as configured; returns a summary dict (run_dir, steps, final loss, eval report path).
+
+    With several processes (`accelerate launch` / `torchrun`) every process runs this function: each takes its
+    `trainer.batch_size` rows of the step's global batch, gradients are all-reduced inside the prepared
+    `DenoisingLoss`, and only the main process writes the run folder and runs the evals (the others wait)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
     from tqdm import tqdm
 
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=cfg.trainer.device == "cpu")
+    tc = cfg.trainer
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(cfg), cpu=tc.device == "cpu",
+        # Not every parameter gets a gradient every step (MoE experts no token was routed to; with
+        # objective.ar_weight=0 the encoder's last layer; the vision tower in a full fine-tune).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                         InitProcessGroupKwargs(timeout=timedelta(minutes=tc.dist_timeout_min))],
+    )
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # e.g. torchrun on a machine without GPUs and trainer.device=auto: each would train alone
+        raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {world} process(es) "
+                           f"({accelerator.distributed_type}); on CPUs pass trainer.device=cpu")
+    run_dir = shared_run_dir(cfg, accelerator)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -133,6 +111,10 @@ def train(cfg: DictConfig) -> dict:
     model.config.canvas_length = task.canvas_length
     splits = splits_for(task, cfg)
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
+    global_batch = tc.batch_size * world
+    if world > 1 and len(train_items) < global_batch:
+        raise ValueError(f"{len(train_items)} training examples < global batch {global_batch} "
+                         f"(trainer.batch_size={tc.batch_size} x {world} processes)")
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     elif not cfg.trainer.train_router:
@@ -142,55 +124,65 @@ def train(cfg: DictConfig) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
-    tc = cfg.trainer
+    # The module accelerate wraps is the whole loss, so DDP/FSDP hooks see every model call. The scheduler is
+    # not prepared: accelerate would step it once per process per optimizer step.
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
-    vocab_size = unwrap(model).config.text_config.vocab_size
+    loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id)
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
 
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "wandb_id": None}
-    if cfg.resume:
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "wandb_id": None, "num_processes": world}
+    if cfg.resume:  # every process loads the checkpoint
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint")
-        state.update(load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler))
-        print(f"[dgtune] resumed from {ckpt} at step {state['step']}")
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+        state.update(load_checkpoint(ckpt, inner, optimizer, scheduler), num_processes=world)
+        accelerator.print(f"[dgtune] resumed from {ckpt} at step {state['step']}")
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir.name,
-                      _sweep_group(cfg), state.get("wandb_id"))
+                      sweep_group(cfg), state.get("wandb_id"), enabled=main)
     state["wandb_id"] = tracker.run_id
-    print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={len(train_items)} examples, "
-          f"mixed_precision={accelerator.mixed_precision}")
+    accelerator.print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={len(train_items)} "
+                      f"examples, processes={world}, batch={tc.batch_size}/process ({global_batch} per micro-step), "
+                      f"mixed_precision={accelerator.mixed_precision}")
 
     # The loop
-    model.train()
+    loss_fn.train()
     step, t_start = state["step"], time.perf_counter() - state["elapsed_s"]
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not tc.progress_bar)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True,
+               disable=not (tc.progress_bar and main))
+    rows = slice(rank * tc.batch_size, (rank + 1) * tc.batch_size) if world > 1 else None
     window_tokens, window_t0, loss = 0, time.perf_counter(), None
     deadline = t_start + 60 * tc.max_minutes if tc.max_minutes else None
     while step < tc.max_steps:
         optimizer.zero_grad(set_to_none=True)
         logs = {}
         for micro in range(tc.grad_accum):
+            # The global batch and its noise are pure functions of (seed, micro-step), the same on every
+            # process; each process computes the loss of its rows. Gradients are all-reduced at the last micro.
             micro_step = step * tc.grad_accum + micro
-            idx = batch_indices(len(train_items), tc.batch_size, micro_step * accelerator.num_processes
-                                + accelerator.process_index, cfg.seed)
+            idx = batch_indices(len(train_items), global_batch, micro_step, cfg.seed)
             batch = {k: v.to(accelerator.device) for k, v in collate_train([train_items[i] for i in idx], tokenizer.pad_token_id).items()}
-            gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + micro_step * 97 + accelerator.process_index)
-            with accelerator.autocast():
-                out = denoising_loss(model, batch, obj, gen, vocab_size, tokenizer.mask_token_id)
-            accelerator.backward(out["loss"] / tc.grad_accum)
+            gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + micro_step * 97)
+            sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(loss_fn)
+            with sync:
+                with accelerator.autocast():
+                    out = loss_fn(batch, gen, rows)
+                accelerator.backward(out["loss"] / tc.grad_accum)
             for k, v in out.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+                logs[k] = logs.get(k, 0.0) + v.detach().float() / tc.grad_accum
             window_tokens += int(batch["attention_mask"].sum()) + batch["canvas"].numel()
         grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
         state["tokens"] += window_tokens
+        logs = dict(zip(logs, accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()))  # over processes
         loss = logs["loss"]
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.max_steps:
@@ -202,28 +194,36 @@ def train(cfg: DictConfig) -> dict:
                          "train/tokens_per_s": tps, "train/elapsed_s": time.perf_counter() - t_start}, step)
             window_tokens, window_t0 = 0, time.perf_counter()
         if cfg.eval.quick_every and step % cfg.eval.quick_every == 0 and step < tc.max_steps:
-            tracker.log(quick_eval(accelerator.unwrap_model(model), tokenizer, task, splits["val"], cfg), step)
-            model.train()
+            if main:
+                tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg), step)
+            accelerator.wait_for_everyone()
+            loss_fn.train()
         out_of_time = deadline is not None and time.perf_counter() > deadline
+        if deadline is not None and world > 1:  # every process stops at the same step
+            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum") > 0)
         if step % tc.ckpt_every == 0 or step == tc.max_steps or out_of_time:
             state["elapsed_s"] = time.perf_counter() - t_start
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-                            dict(state), keep=tc.keep_checkpoints)
+            if main:
+                save_checkpoint(run_dir, step, inner, tokenizer, optimizer, scheduler, dict(state),
+                                keep=tc.keep_checkpoints)
+            accelerator.wait_for_everyone()
         if out_of_time:
-            print(f"[dgtune] trainer.max_minutes={tc.max_minutes} reached at step {step}")
+            accelerator.print(f"[dgtune] trainer.max_minutes={tc.max_minutes} reached at step {step}")
             break
     bar.close()
     state["elapsed_s"] = time.perf_counter() - t_start
-    final = accelerator.unwrap_model(model)
-    save_weights(final, tokenizer, run_dir / "final")
     summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}
-    tracker.log({"train/minutes": summary["train_minutes"]}, step)
-    if cfg.eval.at_end:
-        from dgtune.eval.__main__ import run_report
+    if main:
+        save_weights(inner, tokenizer, run_dir / "final")
+        tracker.log({"train/minutes": summary["train_minutes"]}, step)
+        if cfg.eval.at_end:
+            from dgtune.eval.__main__ import run_report
 
-        summary["report"] = run_report(final, tokenizer, task, splits, cfg, run_dir, tracker,
-                                       meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step})
-    tracker.finish()
+            summary["report"] = run_report(inner, tokenizer, task, splits, cfg, run_dir, tracker,
+                                           meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step})
+        tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[dgtune] done: {run_dir} ({step} steps, {summary['train_minutes']:.1f} min)")
     return summary
 
 
@@ -254,8 +254,7 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
-        summary = train(cfg)
-        print(f"[dgtune] done: {summary['run_dir']} ({summary['steps']} steps, {summary['train_minutes']:.1f} min)")
+        train(cfg)
 
     _run()
 

@@ -28,7 +28,8 @@ from dgtune.diffusion.objective import (
 
 
 def denoising_loss(
-    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None
+    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None,
+    rows: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch (with `prediction="mean_loo"` the self-conditioning pass's output is converted to the
     denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
@@ -36,6 +37,8 @@ def denoising_loss(
 
     batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
     canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
+    rows: this process' slice of a global batch: every draw is made for the whole batch, then sliced, so N processes
+    see exactly the draws of one process with the whole batch.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     clean, prompt_len = batch["canvas"], batch["prompt_len"]
@@ -58,20 +61,7 @@ def denoising_loss(
         raise ValueError(f"unknown objective.kind={cfg.kind!r} (expected 'uniform' or 'masked')")
     sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
 
-    # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
-    # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
-    # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
-    if cfg.ar_weight == 0:
-        s = int(prompt_len.max())
-        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
-    # With sliding-window layers the decoder's cache and masks are cut per row to what sampling sees.
-    cache, enc_hidden = encode(model, input_ids, attention_mask, cache=training_cache(model))
-    cache, dec_mask = decoder_context(model, cache, prompt_len, l)  # mask [b, s + l] or {layer type: 4D}
-    dec_pos = prompt_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
-
-    # objective.loss_chunk > 0: no [b, l, v] logits; losses and the self-conditioning input come from hidden states
-    chunk = cfg.loss_chunk
-    sc_logits = sc_embeds = None
+    sc_input = t_sc = None  # the self-conditioning pass' canvas [b, l] and its noise level [b], when it runs
     if cfg.self_cond_p > 0 and bool(sc_gate.any()):
         sc_input, t_sc = noisy, t
         if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
@@ -82,6 +72,28 @@ def denoising_loss(
             else:
                 replacement = torch.full_like(clean, mask_token_id)
             sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
+
+    # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
+    # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
+    # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
+    if cfg.ar_weight == 0:
+        s = int(prompt_len.max())
+        input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
+    if rows is not None:  # this process' rows of the global batch (draws above were made for all of them)
+        input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc = (
+            None if x is None else x[rows]
+            for x in (input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc)
+        )
+        b = input_ids.shape[0]
+    # With sliding-window layers the decoder's cache and masks are cut per row to what sampling sees.
+    cache, enc_hidden = encode(model, input_ids, attention_mask, cache=training_cache(model))
+    cache, dec_mask = decoder_context(model, cache, prompt_len, l)  # mask [b, s + l] or {layer type: 4D}
+    dec_pos = prompt_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
+
+    # objective.loss_chunk > 0: no [b, l, v] logits; losses and the self-conditioning input come from hidden states
+    chunk = cfg.loss_chunk
+    sc_logits = sc_embeds = None
+    if sc_input is not None:
         with torch.no_grad():
             sc_hidden = decode_hidden(model, sc_input, cache, decoder_attention_mask=dec_mask,
                                       decoder_position_ids=dec_pos)  # [b, l, d]
@@ -124,3 +136,23 @@ def denoising_loss(
     if ar is not None:
         out["ar_loss"] = ar.detach()
     return out
+
+
+class DenoisingLoss(torch.nn.Module):
+    """`denoising_loss` as a module around the model, for accelerate to wrap (DDP, FSDP, DeepSpeed).
+
+    The whole loss (encoder, no-grad self-conditioning pass, graded decoder pass, AR co-loss) runs inside this
+    forward, so the wrapper's hooks (gradient all-reduce, parameter gathering) see every model call; calling the
+    encoder and decoder of a wrapped model directly would bypass them. Sampling, eval and checkpoints use `.model`.
+    """
+
+    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+
+    def forward(self, batch: dict, generator: torch.Generator, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The loss dict of `denoising_loss` for `rows` of the (global) batch."""
+        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows)

@@ -15,9 +15,14 @@ from dgtune.diffusion.objective import softcap
 
 
 def unwrap(model):
-    """Return the `DiffusionGemmaForBlockDiffusion` inside a peft / accelerate wrapper."""
-    while hasattr(model, "module"):  # DistributedDataParallel
-        model = model.module
+    """Return the `DiffusionGemmaForBlockDiffusion` inside a peft wrapper.
+
+    A DDP/FSDP-wrapped model is refused: calling its encoder and decoder directly would skip the wrapper's
+    forward, so gradients would never be all-reduced. Train through `dgtune.diffusion.loss.DenoisingLoss`
+    (the module accelerate prepares) and sample with the unwrapped model."""
+    if hasattr(model, "module"):  # DistributedDataParallel / FullyShardedDataParallel
+        raise TypeError(f"{type(model).__name__}-wrapped model passed to a direct encoder/decoder call: wrap the loss "
+                        "(dgtune.diffusion.loss.DenoisingLoss) instead, or pass accelerator.unwrap_model(...).model")
     if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected in place, so calls still use them
         model = model.get_base_model()
     return model

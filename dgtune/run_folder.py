@@ -1,0 +1,72 @@
+"""The run folder of a training run: its path (decided once, on the main process), and the W&B sweep group."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dgtune.checkpoint import latest_checkpoint
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """`cfg.run_dir`, or `<runs_root>/<run_name>-<time>`; with `resume=true` and no run_dir, the newest run of
+    that name that has a checkpoint."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    root = Path(cfg.runs_root)
+    if cfg.resume:
+        found = sorted(root.glob(f"{cfg.run_name}-*"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in found if latest_checkpoint(p) is not None]
+        if not found:
+            raise FileNotFoundError(f"resume=true but no run named {cfg.run_name}-* with a checkpoint under {root}/")
+        return found[-1]
+    suffix = time.strftime("%Y%m%d-%H%M%S")
+    job = _hydra_job_num()
+    return root / (f"{cfg.run_name}-{suffix}" + (f"-j{job}" if job is not None else ""))
+
+
+def shared_run_dir(cfg: DictConfig, accelerator) -> Path:
+    """The run folder, resolved on the main process and broadcast, so every process uses the same one (the
+    timestamped name could differ between processes); the main process creates it. A resolution error on the
+    main process is raised on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [None, None]  # [path, error message]
+    if accelerator.is_main_process:
+        try:
+            found[0] = str(resolve_run_dir(cfg))
+            Path(found[0]).mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError as e:
+            found[1] = str(e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    if found[1] is not None:
+        raise FileNotFoundError(found[1])
+    return Path(found[0])
+
+
+def _hydra_job_num():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return hc.job.num if hc.mode.name == "MULTIRUN" else None
+    except Exception:
+        return None
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """The W&B group: `logger.group`, or one name shared by the runs of a Hydra sweep (`-m`)."""
+    if cfg.logger.get("group"):
+        return cfg.logger.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN":
+            return f"{cfg.run_name}-{Path(hc.sweep.dir).name}"
+    except Exception:
+        pass
+    return None

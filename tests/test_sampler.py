@@ -26,8 +26,11 @@ def sharpened(model, factor, eos_id=None, eos_factor=1.0):
             w.copy_(saved)
 
 
-def test_matches_generate(tiny):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matches_generate(tiny, dtype):
     model, tok = tiny
+    if dtype == "bfloat16":  # the 26B's dtype: generate() rounds the self-conditioning logits to it
+        model = copy.deepcopy(model).to(torch.bfloat16)
     prompts = torch.randint(7, 40, (3, 12), generator=torch.Generator().manual_seed(0))
     for factor, steps in ((1.0, 4), (6.0, 12), (6.0, 48)):
         with sharpened(model, factor):  # confident logits, so steps accept tokens
@@ -41,7 +44,7 @@ def test_matches_generate(tiny):
         torch.testing.assert_close(ref.tokens_per_forward.float(), n_tokens / ours.nfe)
 
 
-@pytest.fixture(scope="module", params=["float32"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def short_model(tiny_short, request):
     """The canvas-8 tiny model in float32, and a bfloat16 copy (the 26B's dtype)."""
     model, tok = tiny_short

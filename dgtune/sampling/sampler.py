@@ -8,7 +8,10 @@ canvas is unchanged for `stability_threshold` steps and its mean entropy is < `c
 `max_steps`. The output is the argmax canvas. Canvases continue until EOS (up to `max_canvases`).
 
 With the same seed, the random draws (canvas init, multinomial, renoise) happen in the same order and shapes as
-`DiffusionGemmaForBlockDiffusion.generate()`, so both produce the same tokens (tests/test_sampler.py).
+`DiffusionGemmaForBlockDiffusion.generate()`, the rows that emitted EOS in an earlier canvas are still denoised
+(and encoded, as pad) as there, and the self-conditioning logits are rounded to the embedding dtype as there, so
+both produce the same tokens and forward-pass counts, in fp32 and bf16, for one or several canvases
+(tests/test_sampler.py).
 
 That is `mode="reference"` (the `SamplerConfig` default). `mode="fast"` (`dgtune.sampling.fast`, the default of
 `configs/sampler/*.yaml`) runs the same algorithm with retired finished rows, one-pass step statistics and
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, encode
+from dgtune.diffusion.model_calls import decode, encode, unwrap
 from dgtune.sampling.strategies import entropy_bound_accept, temperature  # noqa: F401  (re-exported)
 
 
@@ -98,8 +101,10 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
 
     As in generate(), every row is denoised, `done` [b] (rows that emitted EOS in an earlier canvas) included: each
     canvas starts with no row finished, the loop stops when all rows are stable and confident (or at `max_steps`),
-    and only the forward passes of rows neither finished nor done are counted."""
+    and only the forward passes of rows neither finished nor done are counted. Self-conditioning logits are kept
+    in the embedding dtype (bf16 on a bf16 model), as generate() keeps them."""
     device = cache.layers[0].keys.device
+    embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
     canvas = torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
     positions = torch.arange(position_offset, position_offset + canvas_length, device=device)[None]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -115,7 +120,7 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
             f = finished[:, None]
             new_argmax = torch.where(f, argmax, new_argmax)
             next_canvas = torch.where(f, canvas, next_canvas)
-            logits = torch.where(f[..., None], sc_logits, logits)
+            logits = torch.where(f[..., None], sc_logits, logits)  # [b, l, v] fp32 (sc_logits rounded, as generate())
             entropy = token_entropy(logits)
         if cfg.stability_threshold == 0:
             stable = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -124,7 +129,7 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
             history = torch.roll(history, -1, 0)
             history[-1] = new_argmax
         finished |= stable & (entropy.mean(-1) < cfg.confidence_threshold)
-        canvas, argmax, sc_logits = next_canvas, new_argmax, logits
+        canvas, argmax, sc_logits = next_canvas, new_argmax, logits.to(embed_dtype)
         if finished.all():
             break
     return argmax, nfe

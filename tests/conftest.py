@@ -19,3 +19,14 @@ def tiny():
                                   moe_intermediate_size=32, canvas_length=24)
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_short():
+    """(model, tokenizer): the `tiny` sizes with canvas 8, so that answers take several canvases; eval mode."""
+    from dgtune.models.tiny import build_tiny_model
+
+    model, tok = build_tiny_model(seed=0, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, canvas_length=8)
+    model.eval()
+    return model, tok

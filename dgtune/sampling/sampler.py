@@ -8,7 +8,10 @@ canvas is unchanged for `stability_threshold` steps and its mean entropy is < `c
 `max_steps`. The output is the argmax canvas. Canvases continue until EOS (up to `max_canvases`).
 
 With the same seed, the random draws (canvas init, multinomial, renoise) happen in the same order and shapes as
-`DiffusionGemmaForBlockDiffusion.generate()`, so both produce the same tokens (tests/test_sampler.py).
+`DiffusionGemmaForBlockDiffusion.generate()`, the rows that emitted EOS in an earlier canvas are still denoised
+(and encoded, as pad) as there, and the self-conditioning logits are rounded to the embedding dtype as there, so
+both produce the same tokens and forward-pass counts, in fp32 and bf16, for one or several canvases
+(tests/test_sampler.py).
 
 That is `mode="reference"` (the `SamplerConfig` default). `mode="fast"` (`dgtune.sampling.fast`, the default of
 `configs/sampler/*.yaml`) runs the same algorithm with retired finished rows, one-pass step statistics and
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, encode
+from dgtune.diffusion.model_calls import decode, encode, unwrap
 from dgtune.sampling.strategies import entropy_bound_accept, temperature  # noqa: F401  (re-exported)
 
 
@@ -94,23 +97,30 @@ def denoise_step(
 @torch.no_grad()
 def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size: int, cfg: SamplerConfig,
                    generator: torch.Generator, position_offset: int, done: torch.Tensor | None = None):
-    """Run the denoising loop for one canvas; returns (argmax canvas [b, l], nfe [b])."""
+    """Run the denoising loop for one canvas; returns (argmax canvas [b, l], nfe [b]).
+
+    As in generate(), every row is denoised, `done` [b] (rows that emitted EOS in an earlier canvas) included: each
+    canvas starts with no row finished, the loop stops when all rows are stable and confident (or at `max_steps`),
+    and only the forward passes of rows neither finished nor done are counted. Self-conditioning logits are kept
+    in the embedding dtype (bf16 on a bf16 model), as generate() keeps them."""
     device = cache.layers[0].keys.device
+    embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
     canvas = torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
     positions = torch.arange(position_offset, position_offset + canvas_length, device=device)[None]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device) if done is None else done.clone()
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    done = finished if done is None else done
     nfe = torch.zeros(batch_size, device=device)
     history = torch.full((max(cfg.stability_threshold, 1), batch_size, canvas_length), -1, device=device, dtype=torch.long)
     argmax, sc_logits = canvas, None
     for cur_step in range(cfg.max_steps, 0, -1):
-        nfe += (~finished).float()
+        nfe += (~(finished | done)).float()
         raw = decode(model, canvas, cache, self_conditioning_logits=sc_logits, decoder_position_ids=positions)
         next_canvas, new_argmax, logits, entropy = denoise_step(raw, canvas, cur_step, cfg, vocab_size, generator)
-        if finished.any():  # rows that already stopped keep their state
+        if finished.any():  # rows that already stopped keep their state (finished is all False on step 1)
             f = finished[:, None]
             new_argmax = torch.where(f, argmax, new_argmax)
             next_canvas = torch.where(f, canvas, next_canvas)
-            logits = torch.where(f[..., None], sc_logits, logits)
+            logits = torch.where(f[..., None], sc_logits, logits)  # [b, l, v] fp32 (sc_logits rounded, as generate())
             entropy = token_entropy(logits)
         if cfg.stability_threshold == 0:
             stable = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -119,10 +129,17 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
             history = torch.roll(history, -1, 0)
             history[-1] = new_argmax
         finished |= stable & (entropy.mean(-1) < cfg.confidence_threshold)
-        canvas, argmax, sc_logits = next_canvas, new_argmax, logits
+        canvas, argmax, sc_logits = next_canvas, new_argmax, logits.to(embed_dtype)
         if finished.all():
             break
     return argmax, nfe
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Tokens [b, n] with every position after a row's first EOS set to `pad_id` (the EOS itself is kept)."""
+    is_eos = tokens == eos_id
+    after_eos = (torch.cumsum(is_eos.long(), -1) - is_eos.long()) > 0
+    return torch.where(after_eos, torch.full_like(tokens, pad_id), tokens)
 
 
 def uses_reference(cfg: SamplerConfig) -> bool:
@@ -153,19 +170,18 @@ def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch
     vocab_size = core_cfg.text_config.vocab_size
     b, p = prompt_ids.shape
     cache, _ = encode(model, prompt_ids)
-    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # rows with an EOS in an earlier canvas
     outputs, nfe, cur_len = [], torch.zeros(b, device=prompt_ids.device), p
     for k in range(cfg.max_canvases):
         argmax, n = denoise_canvas(model, cache, b, canvas_length, vocab_size, cfg, generator, cur_len, done)
         nfe += n
-        argmax = torch.where(done[:, None], torch.full_like(argmax, pad_id), argmax)
-        outputs.append(argmax)
+        # generate()'s finalisation: done rows get pad, this canvas' EOS rows pad after their EOS
+        out = pad_after_eos(torch.where(done[:, None], torch.full_like(argmax, pad_id), argmax), eos_id, pad_id)
+        outputs.append(out)
         done = done | (argmax == eos_id).any(-1)
         if done.all() or k + 1 == cfg.max_canvases:
             break
         positions = torch.arange(cur_len, cur_len + canvas_length, device=prompt_ids.device)[None]
-        cache, _ = encode(model, argmax, cache=cache, position_ids=positions)
+        cache, _ = encode(model, out, cache=cache, position_ids=positions)  # the finalised canvas, as generate()
         cur_len += canvas_length
-    tokens = torch.cat(outputs, dim=1)
-    after_eos = (torch.cumsum((tokens == eos_id).long(), -1) - (tokens == eos_id).long()) > 0
-    return SampleResult(tokens=torch.where(after_eos, torch.full_like(tokens, pad_id), tokens), nfe=nfe)
+    return SampleResult(tokens=pad_after_eos(torch.cat(outputs, dim=1), eos_id, pad_id), nfe=nfe)

@@ -4,8 +4,8 @@ Parameters are counted exactly from the text config (`parameter_counts`, checked
 tests/test_memory_plan.py; the vision tower is not counted). Memory = weights (sharded over `gpus` with
 FSDP/ZeRO-3, plus one gathered layer) + LoRA params, fp32 grads and AdamW's two fp32 states (sharded) +
 activations saved for backward (not sharded) + logits. Activations are counted per token and layer from the
-tensors autograd keeps (`saved_elements_per_token`), times one calibration factor `act_scale` (eval/memory_plan.py
-fits it on one measured setting and checks others).
+tensors autograd keeps (`saved_elements_per_token`; `act_scale` can rescale them, 1 = as derived); one fixed
+`overhead` (eval/memory_plan.py fits it on one measured CPU setting and checks the others).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class TrainSettings:
 
 
 def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
-                   weight_bytes_total: float | None = None) -> dict[str, float]:
+                   weight_bytes_total: float | None = None, overhead: float = 0.0) -> dict[str, float]:
     """Predicted peak memory (bytes) per GPU by part: weights, lora (params + fp32 grads + AdamW fp32 m, v),
     activations (saved for backward, not sharded), logits (float32 LM-head logits and their transients), total.
 
@@ -148,7 +148,8 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
     the encoder, the self-conditioning logits (V per canvas row) live through the forward, and the last loss adds
     2 V per encoder row transiently. Chunked: 3 chunk x V float32 transients + the stored hidden-state gradients.
     Gradient checkpointing: each layer keeps its input and the encoder's K/V cache, plus one layer's activations
-    during its replay. `weight_bytes_total` overrides weights (e.g. a 4-bit mix)."""
+    during its replay. `weight_bytes_total` overrides weights (e.g. a 4-bit mix); `overhead` (bytes) is a fixed
+    runtime cost (allocator, autograd / BLAS workspaces; on a GPU the CUDA context) added to the total."""
     b, l = st.batch, st.canvas
     s = st.prompt + st.canvas
     d, v, a = shape.hidden_size, shape.vocab_size, st.act_bytes
@@ -171,9 +172,9 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
         logits = 3 * min(st.loss_chunk, b * s) * v * 4 + (b * s + 2 * b * l) * d * a
     else:
         logits = (2 * b * l + 2 * b * s + b * l + 2 * b * s) * v * 4
-    total = weights + lora_params + lora_states + acts + logits
+    total = weights + lora_params + lora_states + acts + logits + overhead
     return {"weights": weights, "lora_params": lora_params, "lora_states": lora_states, "activations": acts,
-            "logits": logits, "total": total}
+            "logits": logits, "overhead": overhead, "total": total}
 
 
 def four_bit_weight_bytes(shape: TextShape, quantised_linear: bool = True) -> float:

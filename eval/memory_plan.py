@@ -1,0 +1,125 @@
+"""Memory plan: dgtune.memory's prediction checked against measured CPU steps, then the plan for the real 26B.
+
+    OMP_NUM_THREADS=1 python eval/memory_plan.py [--skip-measure]
+
+1. Measured: the bench_train step (`denoising_loss` + backward + AdamW, LoRA default targets, released objective
+   with self-conditioning on every example) on a 26B-shaped model (MEASURED_SIZES, vocab 262,144) in fp32 on CPU,
+   each setting in its own subprocess through `eval/bench_train.py`'s `run_row` (peak RSS minus RSS after load).
+   Activations are as derived (act_scale=1); the one constant, a fixed runtime overhead (allocator, autograd/BLAS
+   workspaces), is fitted on the FIRST setting only; the others are the check.
+2. Plan: the real 26B (`REAL_26B`, from dgtune/models/shaped.py's table) on 1x H100 80 GB, 1x 24 GB (4-bit) and
+   8x H100 (FSDP/ZeRO-3), LoRA r16, bf16, prompt 512, canvas 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "eval"))
+
+from dgtune.memory import (  # noqa: E402
+    MIB, TextShape, TrainSettings, four_bit_weight_bytes, linear_parameters, parameter_counts, predict_memory,
+)
+
+MEASURED_SIZES = dict(hidden_size=256, head_dim=32, global_head_dim=64, intermediate_size=192,
+                      moe_intermediate_size=64)
+REAL_26B = TextShape(vocab_size=262_144, hidden_size=2816, layer_types=(["sliding_attention"] * 5
+                     + ["full_attention"]) * 5, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                     num_global_key_value_heads=2, global_head_dim=512, intermediate_size=2112, num_experts=128,
+                     top_k_experts=8, moe_intermediate_size=704)
+# (name, batch, prompt, canvas, loss_chunk, checkpointing); the first row fits the overhead
+SETTINGS = [("chunk32 b4", 4, 48, 32, 32, False), ("plain b2", 2, 48, 32, 0, False),
+            ("chunk32+ckpt b4", 4, 48, 32, 32, True), ("chunk32 b8", 8, 48, 32, 32, False),
+            ("chunk128 b2 p96", 2, 96, 32, 128, False)]
+GIB = 2**30
+
+
+def build_measured_model():
+    """The measured 26B-shaped model (builder for bench_train's worker: `memory_plan:build_measured_model`)."""
+    from dgtune.models.shaped import build_shaped_model
+
+    return build_shaped_model(**MEASURED_SIZES)
+
+
+def measured_shape() -> TextShape:
+    """TextShape of `build_measured_model` (from its config; no model built)."""
+    from dgtune.models.shaped import build_shaped_config
+
+    return TextShape.from_config(build_shaped_config(**MEASURED_SIZES).text_config)
+
+
+def step_part(pred: dict) -> float:
+    """What bench_train's 'step MiB' covers: everything above the loaded model + LoRA params (bytes)."""
+    return pred["activations"] + pred["logits"] + pred["lora_states"] + pred["overhead"]
+
+
+def measure() -> float:
+    """Run SETTINGS through bench_train's subprocess worker; print the comparison table; return the overhead."""
+    import bench_train
+
+    shape = measured_shape()
+    rows, overhead = [], None
+    for name, b, p, l, chunk, ckpt in SETTINGS:
+        args = Namespace(builder="memory_plan:build_measured_model", batch=b, prompt=p, canvas=l, steps=1, threads=1,
+                         device="cpu", objective="released", bf16=False)
+        got = bench_train.run_row(args, chunk, ckpt)["step_mib"] * MIB
+        st = TrainSettings(batch=b, prompt=p, canvas=l, loss_chunk=chunk, gradient_checkpointing=ckpt,
+                           weight_bytes=4, act_bytes=4)
+        if overhead is None:  # the one fitted constant
+            overhead = got - step_part(predict_memory(shape, st))
+        rows.append((name, step_part(predict_memory(shape, st, overhead=overhead)), got))
+    print(f"[measured] 26B-shaped {MEASURED_SIZES}, vocab 262144, fp32 CPU, LoRA r16 default targets, "
+          f"released objective (self_cond_p=1); act_scale=1; overhead={overhead / MIB:.0f} MiB fitted on '{SETTINGS[0][0]}' only")
+    print(f"{'setting':22s} | {'predicted MiB':>13s} | {'measured MiB':>12s} | {'error %':>7s}")
+    for i, (name, pred, got) in enumerate(rows):
+        tag = " (calibration)" if i == 0 else ""
+        print(f"{name:22s} | {pred / MIB:13.0f} | {got / MIB:12.0f} | {100 * (pred - got) / got:+7.1f}{tag}")
+    return overhead
+
+
+def plan() -> None:
+    """Print the plan table for the real 26B (bf16 autocast activations as derived; the CUDA context is the 1 GiB
+    taken off each card, not the CPU overhead)."""
+    counts = parameter_counts(REAL_26B)
+    n = sum(counts.values())
+    lin = linear_parameters(REAL_26B)
+    print(f"\n[26B] text parameters {n / 1e9:.2f} B (experts {counts['experts'] / 1e9:.2f} B = "
+          f"{100 * counts['experts'] / n:.0f}%, embedding/LM head {counts['embedding'] / 1e9:.2f} B, nn.Linear "
+          f"{lin / 1e9:.2f} B = {100 * lin / n:.0f}%); bf16 weights {n * 2 / GIB:.1f} GiB")
+    q_all, q_default = four_bit_weight_bytes(REAL_26B, True), four_bit_weight_bytes(REAL_26B, False)
+    print(f"[26B] 4-bit (NF4 on nn.Linear only): {q_all / GIB:.1f} GiB with the layer linears quantised; "
+          f"{q_default / GIB:.1f} GiB with transformers' default skip list (every tied key skipped)")
+    cards = [("1x H100 80GB bf16", 80, 1, None), ("1x 24GB 4-bit", 24, 1, q_all),
+             ("8x H100 FSDP/ZeRO-3", 80, 8, None)]
+    print(f"{'setup':22s} {'batch':>5s} {'ckpt':>4s} | {'weights':>8s} {'acts':>7s} {'logits':>7s} "
+          f"{'lora+opt':>8s} | {'total GiB':>9s} | verdict (usable = 0.92 x card - 1 GiB context)")
+    for name, card, gpus, wb in cards:
+        for ckpt in (False, True):
+            for b in (1, 2, 4, 8):
+                st = TrainSettings(batch=b, prompt=512, canvas=256, loss_chunk=128, gradient_checkpointing=ckpt,
+                                   gpus=gpus)
+                pr = predict_memory(REAL_26B, st, weight_bytes_total=wb)
+                usable = 0.92 * card * 1e9 / GIB - 1
+                verdict = "FITS" if pr["total"] / GIB <= usable else "DOES NOT FIT"
+                print(f"{name:22s} {b:5d} {'on' if ckpt else 'off':>4s} | {pr['weights'] / GIB:8.1f} "
+                      f"{pr['activations'] / GIB:7.1f} {pr['logits'] / GIB:7.2f} "
+                      f"{(pr['lora_params'] + pr['lora_states']) / GIB:8.2f} | {pr['total'] / GIB:9.1f} | {verdict}")
+
+
+def main() -> None:
+    """Measure and check (unless --skip-measure), then print the 26B plan."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip-measure", action="store_true")
+    args = p.parse_args()
+    if not args.skip_measure:
+        measure()
+    plan()
+
+
+if __name__ == "__main__":
+    main()

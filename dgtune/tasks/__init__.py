@@ -2,7 +2,8 @@
 
 
 def build_task(cfg):
-    """The task named by `configs/task/*.yaml` (`cfg.name`): sudoku, the pretraining mixture, or your JSONL."""
+    """The task named by `configs/task/*.yaml` (`cfg.name`): sudoku, the pretraining mixture, your JSONL,
+    or a structured family (countdown, json_record, coloring)."""
     if cfg.name == "sudoku":
         from dgtune.tasks.sudoku_task import SudokuTask
 
@@ -28,4 +29,9 @@ def build_task(cfg):
         from dgtune.tasks.jsonl import JsonlTask
 
         return JsonlTask(cfg.get("task_name", "jsonl"), dict(cfg.files), cfg.canvas_length, cfg.get("verifier"))
-    raise ValueError(f"unknown task.name={cfg.name!r} (expected 'sudoku', 'pretrain_mix' or 'jsonl')")
+    if cfg.name in ("countdown", "json_record", "coloring"):
+        from dgtune.tasks.structured import build_structured
+
+        return build_structured(cfg)
+    raise ValueError(f"unknown task.name={cfg.name!r} (expected 'sudoku', 'pretrain_mix', 'jsonl', 'countdown', "
+                     "'json_record' or 'coloring')")

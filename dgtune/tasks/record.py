@@ -98,29 +98,34 @@ def generate(level: RecordLevel, rng: random.Random) -> tuple[str, dict]:
     return ", ".join(phrases), record
 
 
+def _read_phrase(phrase: str) -> tuple[str, object] | None:
+    """(key, value) of a field phrase, or None if no field's wording matches it."""
+    for f in SCHEMA:
+        if f.kind == "bool":
+            for value in (True, False):
+                if phrase in _phrases(f, value):
+                    return f.key, value
+            continue
+        for pattern in f.phrases:
+            before, _, after = pattern.partition("{}")
+            value = phrase[len(before):len(phrase) - len(after)]
+            if phrase.startswith(before) and phrase.endswith(after) and value:
+                if f.kind == "int" and value.isdigit():
+                    return f.key, int(value)
+                if f.kind == "str" and value.isalpha():
+                    return f.key, value
+    return None
+
+
 def parse_text(text: str) -> dict:
     """The record a text describes (the inverse of `generate`); ValueError on a phrase it does not know."""
     record = {f.key: None for f in SCHEMA}
     for phrase in text.split(", "):
-        for f in SCHEMA:
-            if f.kind == "bool":
-                if phrase in _phrases(f, True) or phrase in _phrases(f, False):
-                    record[f.key] = phrase in _phrases(f, True)
-                    break
-                continue
-            head, _, tail = phrase.partition(" ")
-            for pattern in f.phrases:
-                before, _, after = pattern.partition("{}")
-                value = phrase[len(before):len(phrase) - len(after)] if phrase.startswith(before) and phrase.endswith(after) else ""
-                if value and (value.isdigit() if f.kind == "int" else value.isalpha()):
-                    record[f.key] = int(value) if f.kind == "int" else value
-                    break
-            else:
-                continue
-            break
-        else:
-            if not any(phrase.startswith(d.format("")) and phrase[len(d.format("")):].isdigit() for d in DISTRACTORS):
-                raise ValueError(f"record text: unknown phrase {phrase!r}")
+        found = _read_phrase(phrase)
+        if found is not None:
+            record[found[0]] = found[1]
+        elif not any(phrase.startswith(d.format("")) and phrase[len(d.format("")):].isdigit() for d in DISTRACTORS):
+            raise ValueError(f"record text: unknown phrase {phrase!r}")
     return record
 
 

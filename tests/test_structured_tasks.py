@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from dgtune.data import encode_rows
 from dgtune.tasks import build_task
-from dgtune.tasks.coloring import ColoringLevel, ColoringTask, format_answer
+from dgtune.tasks.coloring import ColoringLevel, ColoringTask, chance_solved, format_answer
 from dgtune.tasks.countdown import CountdownError, CountdownTask, parse_expression, verify as cd_verify
 from dgtune.tasks.record import RecordTask, parse_text, to_json, to_surface, verify as rec_verify
 
@@ -109,6 +109,8 @@ def test_coloring_accepts_any_proper_colouring_and_levels_set_difficulty():
     with pytest.raises(ValueError, match="bad colouring level"):
         ColoringLevel(vertices=30)
     assert format_answer([1, 2]) == "a1b2"
+    assert chance_solved([(0, 1), (0, 2), (1, 2)], 3, 3) == pytest.approx(6 / 27)  # triangle: 3! proper of 3^3
+    assert chance_solved([(0, 1), (1, 2)], 3, 3) == pytest.approx(12 / 27) and chance_solved([], 4, 3) == 1.0
 
 
 def test_countdown_levels_set_the_number_count_and_target_range():

@@ -88,6 +88,16 @@ def verify(edges: list[tuple[int, int]], n: int, k: int, output: str) -> dict[st
     return {"solved": float(ok == 1.0), "cell_acc": ok, "parse_fail": 0.0}
 
 
+def chance_solved(edges: list[tuple[int, int]], n: int, k: int) -> float:
+    """Probability that uniformly random colours 1..k (one per vertex) form a proper colouring: the number of proper
+    colourings over k^n, counted vertex by vertex (exact; fine for the small graphs here)."""
+    counts = {(): 1}  # colours of vertices 0..v-1 -> how many ways (all proper so far)
+    for v in range(n):
+        earlier = [u for u, w in edges if w == v] + [w for u, w in edges if u == v and w < v]
+        counts = {c + (x,): m for c, m in counts.items() for x in range(k) if all(c[u] != x for u in earlier)}
+    return len(counts) / k ** n
+
+
 def parse_prompt(prompt: str) -> tuple[list[tuple[int, int]], int, int]:
     """(edges, vertices, colours) of `color:<k>;ab,ac,...`; ValueError saying what is wrong."""
     body = prompt.strip()

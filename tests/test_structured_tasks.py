@@ -90,6 +90,8 @@ def test_record_verifier_checks_json_schema_and_values():
                      '(#id#:017,#name#:#bob#,#qty#:3,#price#:null,#paid#:false)',  # leading zero
                      '(#id#:1 7,#name#:#bob#,#qty#:3,#price#:null,#paid#:false)', "[17]", "(#id#:17"):
         assert rec_verify(record, not_json)["parse_fail"] == 1.0, not_json
+    partial = rec_verify(record, ref.replace("#bob#", "bob  ").replace(":3 ", ":5 "))  # name unquoted, qty wrong
+    assert partial == {"solved": 0.0, "cell_acc": 0.6, "parse_fail": 1.0}  # id, price, paid still read right
     assert rec_verify({**record, "qty": 1}, ref.replace(":3 ", ":true"))["cell_acc"] == 0.8  # true is not 1
     assert parse_text("unpaid, box 4, 3 items, order 17, for bob") == record
     with pytest.raises(ValueError, match="unknown phrase"):

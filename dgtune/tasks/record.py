@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 
 from dgtune.tasks.structured import StructuredTask, levels_from, make_row, split_counts, split_seed
@@ -161,15 +162,26 @@ def _type_ok(field: Field, value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and field.lo <= value <= field.hi
 
 
+def _slot_values(record: dict, text: str) -> list[bool]:
+    """Per field: does the text after its `#key#:` (up to the next `,` or `)`, spaces stripped) read exactly as the
+    value's JSON? Partial credit for an answer that is not valid JSON as a whole."""
+    right = []
+    for f in SCHEMA:
+        m = re.search(rf"#{f.key}#:([^,)]*)", text)
+        right.append(m is not None and m.group(1).strip() == json.dumps(record[f.key]).translate(FROM_JSON))
+    return right
+
+
 def verify(record: dict, output: str) -> dict[str, float]:
-    """`parse_fail` (not a JSON object after `to_json`), `cell_acc` (share of fields with the right value and
-    type), `solved` (exactly the schema's keys, types valid, every value right)."""
+    """`parse_fail` (not a JSON object after `to_json`), `cell_acc` (share of fields with the right value and type;
+    when the text is not valid JSON, share of `#key#:` slots that read exactly as the right value), `solved`
+    (valid JSON, exactly the schema's keys, types valid, every value right)."""
     try:
         obj = json.loads(to_json(output.strip()), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant)
     except ValueError:
         obj = None
     if not isinstance(obj, dict):
-        return {"solved": 0.0, "cell_acc": 0.0, "parse_fail": 1.0}
+        return {"solved": 0.0, "cell_acc": sum(_slot_values(record, output)) / len(SCHEMA), "parse_fail": 1.0}
     right = [f.key in obj and type(obj[f.key]) is type(record[f.key]) and obj[f.key] == record[f.key] for f in SCHEMA]
     schema_ok = set(obj) == {f.key for f in SCHEMA} and all(_type_ok(f, obj[f.key]) for f in SCHEMA)
     return {"solved": float(schema_ok and all(right)), "cell_acc": sum(right) / len(SCHEMA), "parse_fail": 0.0}

@@ -53,12 +53,15 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 def template_ids(tokenizer, template: list[str | None] | None, canvas_length: int) -> list[int]:
     """Canvas template as token ids: the id of each known piece, -1 where the model must fill in. [l]"""
     ids = [-1] * canvas_length
+    known: dict[str, int] = {}  # piece -> id (a 9x9 grid repeats 9 pieces 81 times)
     for i, piece in enumerate(template or []):
         if piece is not None:
-            tok = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            if len(tok) != 1:
-                raise ValueError(f"template piece {piece!r} at position {i} is not exactly one token")
-            ids[i] = tok[0]
+            if piece not in known:
+                tok = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                if len(tok) != 1:
+                    raise ValueError(f"template piece {piece!r} at position {i} is not exactly one token")
+                known[piece] = tok[0]
+            ids[i] = known[piece]
     return ids
 
 
@@ -67,9 +70,11 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
     gives canvas templates, the template ids (-1 = free position)."""
     eos = tokenizer.eos_token_id
     use_template = task is not None and getattr(task, "use_template", False)
-    out = []
+    out, prompts = [], {}  # prompt text -> ids (a compact prompt is the same for every row)
     for i, row in enumerate(rows):
-        p = prompt_ids(tokenizer, row["prompt"])
+        if row["prompt"] not in prompts:
+            prompts[row["prompt"]] = prompt_ids(tokenizer, row["prompt"])
+        p = list(prompts[row["prompt"]])
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [eos]
         if len(r) > canvas_length:
             raise ValueError(

@@ -131,7 +131,15 @@ def train(cfg: DictConfig) -> dict:
         optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     )
     obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
-    loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id)
+    aux = None
+    if obj.aux_weight > 0:
+        if not hasattr(task, "aux_loss"):
+            raise ValueError(f"objective.aux_weight={obj.aux_weight}: task {task.name!r} has no auxiliary loss")
+        aux = (task, torch.tensor(task.aux_token_ids(tokenizer)))
+    fresh = bool(cfg.task.get("fresh", False))
+    if fresh and not hasattr(task, "fresh_rows"):
+        raise ValueError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
+    loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id, aux)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
 
@@ -166,8 +174,12 @@ def train(cfg: DictConfig) -> dict:
             # The global batch and its noise are pure functions of (seed, micro-step), the same on every
             # process; each process computes the loss of its rows. Gradients are all-reduced at the last micro.
             micro_step = step * tc.grad_accum + micro
-            idx = batch_indices(len(train_items), global_batch, micro_step, cfg.seed)
-            batch = {k: v.to(accelerator.device) for k, v in collate_train([train_items[i] for i in idx], tokenizer.pad_token_id).items()}
+            if fresh:  # task.fresh: newly generated rows, a pure function of (seed, micro-step)
+                items = encode_rows(tokenizer, task.fresh_rows(global_batch, cfg.seed * 1_000_003 + micro_step),
+                                    task.canvas_length, task)
+            else:
+                items = [train_items[i] for i in batch_indices(len(train_items), global_batch, micro_step, cfg.seed)]
+            batch = {k: v.to(accelerator.device) for k, v in collate_train(items, tokenizer.pad_token_id).items()}
             gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + micro_step * 97)
             sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(loss_fn)
             with sync:
@@ -195,7 +207,8 @@ def train(cfg: DictConfig) -> dict:
             window_tokens, window_t0 = 0, time.perf_counter()
         if cfg.eval.quick_every and step % cfg.eval.quick_every == 0 and step < tc.max_steps:
             if main:
-                tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg), step)
+                tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
+                                       step * global_batch * tc.grad_accum), step)
             accelerator.wait_for_everyone()
             loss_fn.train()
         out_of_time = deadline is not None and time.perf_counter() > deadline
@@ -212,6 +225,9 @@ def train(cfg: DictConfig) -> dict:
             break
     bar.close()
     state["elapsed_s"] = time.perf_counter() - t_start
+    if cfg.eval.quick_every and main and step % cfg.eval.quick_every:  # the learning curve's last point
+        tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
+                               step * global_batch * tc.grad_accum), step)
     summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}
     if main:
         save_weights(inner, tokenizer, run_dir / "final")
@@ -227,12 +243,17 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:
-    """Solved rate and cell accuracy on the first `eval.quick_n` validation rows at `eval.quick_steps`."""
+def quick_eval(model, tokenizer, task, val_rows, cfg, run_dir=None, step: int = 0, sequences: int = 0) -> dict:
+    """Solved rate and cell accuracy on the first `eval.quick_n` validation rows (of bucket `eval.quick_bucket`,
+    when set) at `eval.quick_steps`; with `run_dir`, also a point of the learning curve (`dgtune.eval.curve`)."""
     from dgtune.eval.__main__ import sampler_config
+    from dgtune.eval.curve import append_point, curve_point
     from dgtune.eval.runner import evaluate
 
-    rows = val_rows[: cfg.eval.quick_n]
+    bucket = cfg.eval.get("quick_bucket")
+    rows = [r for r in val_rows if not bucket or r.get("bucket") == bucket][: cfg.eval.quick_n]
+    if not rows:
+        raise ValueError(f"eval.quick_bucket={bucket!r}: no validation row has that bucket")
     records, _ = evaluate(model, tokenizer, task, rows, cfg.eval.quick_steps, sampler_config(cfg), cfg.eval.batch_size,
                           cfg.seed, "tuned")
     out = {}
@@ -241,6 +262,8 @@ def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:
         out[f"val/solved@{s}"] = sum(r["solved"] for r in rs) / len(rs)
         out[f"val/cell_acc@{s}"] = sum(r["cell_acc"] for r in rs) / len(rs)
     print("[dgtune] quick eval:", " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+    if run_dir is not None:
+        append_point(run_dir, curve_point(step, sequences, records, list(cfg.eval.quick_steps)))
     return out
 
 

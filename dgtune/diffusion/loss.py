@@ -24,12 +24,24 @@ from dgtune.diffusion.objective import (
     loo_to_denoiser_logits,
     masked_canvas_loss,
     sample_noise_level,
+    softcap,
 )
+
+
+def task_aux_loss(model, hidden: torch.Tensor, task, token_ids: torch.Tensor, clean: torch.Tensor,
+                  keep: torch.Tensor | None) -> torch.Tensor:
+    """The task's auxiliary loss on the graded pass: the decoder's distribution over the task's tokens
+    (`task.aux_token_ids`, renormalised over them; only those k rows of the LM head are used, so no [b, l, v]
+    logits), handed to `task.aux_loss(probs [b, l, k], clean [b, l], keep [b, l] | None, token_ids [k])`."""
+    weight, cap = lm_head_weight(model)
+    ids = token_ids.to(hidden.device)
+    logits = softcap(hidden @ weight[ids].to(hidden.dtype).T, cap)  # [b, l, k]
+    return task.aux_loss(logits.softmax(-1), clean, keep, ids)
 
 
 def denoising_loss(
     model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None,
-    rows: slice | None = None,
+    rows: slice | None = None, aux: tuple | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch (with `prediction="mean_loo"` the self-conditioning pass's output is converted to the
     denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
@@ -39,6 +51,7 @@ def denoising_loss(
     canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
     rows: this process' slice of a global batch: every draw is made for the whole batch, then sliced, so N processes
     see exactly the draws of one process with the whole batch.
+    aux: (task, token ids [k]) with `cfg.aux_weight` > 0: add `cfg.aux_weight` x `task_aux_loss` (no random draws).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     clean, prompt_len = batch["canvas"], batch["prompt_len"]
@@ -132,10 +145,16 @@ def denoising_loss(
             diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
         ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
-    out = {"loss": loss, "diffusion_loss": diff.detach()}
+    out = {"diffusion_loss": diff.detach()}
     if ar is not None:
         out["ar_loss"] = ar.detach()
-    return out
+    if cfg.aux_weight > 0:
+        if aux is None:
+            raise ValueError("objective.aux_weight > 0 needs a task with an auxiliary loss (aux_token_ids, aux_loss)")
+        aux_l = task_aux_loss(model, hidden, aux[0], aux[1], clean, keep)
+        loss = loss + cfg.aux_weight * aux_l
+        out["aux_loss"] = aux_l.detach()
+    return {"loss": loss, **out}
 
 
 class DenoisingLoss(torch.nn.Module):
@@ -146,13 +165,14 @@ class DenoisingLoss(torch.nn.Module):
     encoder and decoder of a wrapped model directly would bypass them. Sampling, eval and checkpoints use `.model`.
     """
 
-    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None):
+    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None, aux: tuple | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
+        self.aux = aux  # (task, token ids [k]) for objective.aux_weight > 0
 
     def forward(self, batch: dict, generator: torch.Generator, rows: slice | None = None) -> dict[str, torch.Tensor]:
         """The loss dict of `denoising_loss` for `rows` of the (global) batch."""
-        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows)
+        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows, self.aux)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+import torch.nn.functional as F
 
 from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
@@ -15,9 +18,16 @@ class SudokuTask:
     `test_buckets` (name -> [min, max] givens; 9x9 uses Google's buckets easy >= 40, medium 30-39, hard < 30)."""
 
     def __init__(self, size: int = 9, train_givens=(30, 45), test_buckets: dict | None = None, canvas_length=None,
-                 use_template: bool = False):
+                 use_template: bool = False, compact_prompt: bool = False, fresh_per_base: int = 8):
+        if compact_prompt and not use_template:
+            raise ValueError("task.compact_prompt=true needs task.template=true: the givens must be in the canvas "
+                             "when the prompt no longer carries the grid")
+        if fresh_per_base < 1:
+            raise ValueError(f"task.fresh_per_base={fresh_per_base}: must be >= 1")
         self.size = size
         self.use_template = use_template
+        self.compact_prompt = compact_prompt
+        self.fresh_per_base = fresh_per_base
         self.name = f"sudoku{size}"
         self.train_givens = tuple(train_givens)
         self.test_buckets = dict(test_buckets) if test_buckets else {"all": list(train_givens)}
@@ -27,7 +37,8 @@ class SudokuTask:
         rows = []
         for p in puzzles:
             bucket = sudoku.bucket(p["givens"], self.size) or ""
-            rows.append(make_row(self.name, sudoku.format_prompt(p["puzzle"]), sudoku.format_response(p["solution"]) if p["solution"] else "",
+            prompt = sudoku.format_prompt("" if self.compact_prompt else p["puzzle"])
+            rows.append(make_row(self.name, prompt, sudoku.format_response(p["solution"]) if p["solution"] else "",
                                  bucket, p["puzzle"], p["solution"], p["givens"]))
         return rows
 
@@ -46,6 +57,23 @@ class SudokuTask:
             rows += self._rows(sudoku.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i,
                                                        base_per_givens=min(32, max(2, k // 2))))
         return rows
+
+    def fresh_rows(self, n: int, seed: int) -> list[dict]:
+        """`n` new training rows, a pure function of `seed` (so a resumed run sees the same ones): ceil(n /
+        fresh_per_base) puzzles generated from scratch (random full grid, cells blanked while the solution stays
+        unique, givens drawn uniformly from `train_givens`), each shown under `fresh_per_base` random symmetries.
+        At ~5 ms a puzzle on a CPU, this is an endless stream that never repeats a training puzzle."""
+        rng = random.Random(seed)
+        lo, hi = self.train_givens
+        out = []
+        while len(out) < n:
+            sol = sudoku.random_solution(self.size, rng)
+            puz = sudoku.make_unique_puzzle(sol, self.size, rng.randint(lo, hi), rng)
+            givens = self.size * self.size - puz.count("0")
+            for _ in range(min(self.fresh_per_base, n - len(out))):
+                p2, s2 = sudoku.transform(puz, sol, self.size, rng)
+                out.append({"puzzle": p2, "solution": s2, "givens": givens})
+        return self._rows(out)
 
     def load_test_file(self, path: str) -> list[dict]:
         """Rows from a CSV with header `puzzle,solution` (see `sudoku.read_csv`)."""
@@ -76,6 +104,33 @@ class SudokuTask:
         box = (r // bh) * (n // bw) + c // bw
         same = (r[:, None] == r[None]) | (c[:, None] == c[None]) | (box[:, None] == box[None])
         return same & ~torch.eye(n * n, dtype=torch.bool)
+
+    def units(self) -> torch.Tensor:
+        """[3n, n*n] float: membership of each cell in each row, column and box."""
+        n, (bh, bw) = self.size, sudoku.box_shape(self.size)
+        r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
+        box = (r // bh) * (n // bw) + c // bw
+        return torch.cat([F.one_hot(r, n).T, F.one_hot(c, n).T, F.one_hot(box, n).T]).float()
+
+    def aux_token_ids(self, tokenizer) -> list[int]:
+        """The digit tokens '1'..'n': the canvas distribution the unit-constraint loss reads."""
+        return [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, self.size + 1)]
+
+    def aux_loss(self, digit_probs: torch.Tensor, clean: torch.Tensor, keep: torch.Tensor | None,
+                 digit_ids: torch.Tensor) -> torch.Tensor:
+        """Sudoku's unit constraint as a soft penalty: for every row, column and box and every digit, the predicted
+        probabilities of that digit over the unit's cells should sum to one (each digit exactly once).
+
+        digit_probs [b, l, n]: the model's distribution over the digit tokens (renormalised over them); clean [b, l]
+        the clean canvas; keep [b, l] the template (given) positions, whose digit is known (one-hot, not the
+        model's); digit_ids [n] the digit token ids. Returns the mean squared deviation over units and digits."""
+        cells = self.size * self.size
+        p = digit_probs[:, :cells].float()  # [b, c, n]
+        if keep is not None:
+            given = (clean[:, :cells, None] == digit_ids.to(clean.device)).float()  # [b, c, n]
+            p = torch.where(keep[:, :cells, None], given, p)
+        sums = torch.einsum("uc,bcd->bud", self.units().to(p.device), p)  # [b, 3n, n]
+        return ((sums - 1.0) ** 2).mean()
 
     def make_guide(self, tokenizer):
         """A rule checker for verifier-guided sampling: `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]`

@@ -104,3 +104,31 @@ def test_train_with_fresh_data_writes_the_learning_curve(tmp_path):
     assert [p["step"] for p in pts] == [2, 3] and [p["sequences"] for p in pts] == [8, 12]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/aux_loss" in m for m in metrics)
+
+
+@pytest.mark.parametrize("size", [4, 9])
+def test_boxes_layout_round_trips_and_places_cells_after_their_markers(size, tiny):
+    _, tok = tiny
+    task = SudokuTask(size, (size * size // 2, size * size // 2 + 4), use_template=True, compact_prompt=True,
+                      layout="boxes")
+    row = task.fresh_rows(1, seed=2)[0]
+    assert task.grade(row, row["response"])["solved"] == 1.0  # the marked-up response parses back to the grid
+    assert "".join(row["response"][p] for p in task.cell_positions) == row["solution"]
+    tmpl = task.canvas_template(row)
+    assert all(tmpl[p] == (ch if ch != "0" else None) for p, ch in zip(task.cell_positions, row["puzzle"]))
+    assert all(t is not None and not t.isdigit() for i, t in enumerate(tmpl) if i not in task.cell_positions)
+    # the constraint loss and the rule guide read the cells at their canvas positions
+    items = encode_rows(tok, [row], task.canvas_length, task)
+    clean = torch.tensor([items[0]["canvas"]])
+    digit_ids = torch.tensor(task.aux_token_ids(tok))
+    probs = (clean[..., None] == digit_ids).float()  # [1, l, n] one-hot digits (markers: all zero)
+    assert task.aux_loss(probs, clean, None, digit_ids).item() == 0.0
+    guide = task.make_guide(tok)
+    fixed = torch.ones_like(clean, dtype=torch.bool)
+    assert not guide(clean, fixed).any()
+    bad = clean.clone()
+    a, b = task.cell_positions[0], task.cell_positions[1]
+    bad[0, b] = clean[0, a]  # two equal digits in one row
+    assert guide(bad, fixed)[0, a] and guide(bad, fixed)[0, b]
+    with pytest.raises(ValueError, match="canvas_length"):
+        SudokuTask(size, (5, 8), canvas_length=size * size + 1, layout="boxes")

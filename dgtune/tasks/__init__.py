@@ -9,7 +9,7 @@ def build_task(cfg):
         buckets = {k: list(v) for k, v in (cfg.get("test_buckets") or {}).items()}
         return SudokuTask(cfg.size, tuple(cfg.train_givens), buckets or None, cfg.get("canvas_length"),
                           bool(cfg.get("template", False)), bool(cfg.get("compact_prompt", False)),
-                          int(cfg.get("fresh_per_base", 8)))
+                          int(cfg.get("fresh_per_base", 8)), cfg.get("layout", "flat"))
     if cfg.name == "pretrain_mix":
         from dgtune.tasks.base import Mixture
         from dgtune.tasks.synthetic import AdditionTask, LatinSquareTask, ReverseTask, SortTask

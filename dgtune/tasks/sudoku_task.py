@@ -11,6 +11,21 @@ from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
 
 SPLIT_SEED = {"train": 0, "val": 7_919, "test": 15_485_863}
+MARKERS = "abcdefghijklmnopqrstuvwxyz#"  # layout "boxes": one marker per (row, box) segment, 27 for 9x9
+LAYOUTS = ("flat", "boxes")
+
+
+def layout_positions(size: int, layout: str) -> list[int]:
+    """Canvas position of each cell (row-major) in a response `layout`: "flat" = the n*n digits; "boxes" = each
+    row's box-wide segment preceded by its own marker token (9x9: 'a' + 3 digits, 27 segments, 108 tokens), so
+    that every cell reads its row and box from the marker before it (rotary positions alone are relative: a cell
+    cannot tell which row it is in)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"task.layout={layout!r}: expected one of {LAYOUTS}")
+    if layout == "flat":
+        return list(range(size * size))
+    _, bw = sudoku.box_shape(size)
+    return [i + i // bw + 1 for i in range(size * size)]
 
 
 class SudokuTask:
@@ -18,7 +33,8 @@ class SudokuTask:
     `test_buckets` (name -> [min, max] givens; 9x9 uses Google's buckets easy >= 40, medium 30-39, hard < 30)."""
 
     def __init__(self, size: int = 9, train_givens=(30, 45), test_buckets: dict | None = None, canvas_length=None,
-                 use_template: bool = False, compact_prompt: bool = False, fresh_per_base: int = 8):
+                 use_template: bool = False, compact_prompt: bool = False, fresh_per_base: int = 8,
+                 layout: str = "flat"):
         if compact_prompt and not use_template:
             raise ValueError("task.compact_prompt=true needs task.template=true: the givens must be in the canvas "
                              "when the prompt no longer carries the grid")
@@ -28,17 +44,34 @@ class SudokuTask:
         self.use_template = use_template
         self.compact_prompt = compact_prompt
         self.fresh_per_base = fresh_per_base
+        self.layout = layout
+        self.cell_positions = layout_positions(size, layout)  # canvas position of each cell
+        self.response_length = self.cell_positions[-1] + 1
         self.name = f"sudoku{size}"
         self.train_givens = tuple(train_givens)
         self.test_buckets = dict(test_buckets) if test_buckets else {"all": list(train_givens)}
-        self.canvas_length = canvas_length or size * size + 1
+        self.canvas_length = canvas_length or self.response_length + 1
+        if self.canvas_length <= self.response_length:
+            raise ValueError(f"task.canvas_length={self.canvas_length}: the {layout} layout needs at least "
+                             f"{self.response_length + 1} (response + EOS)")
+
+    def format_response(self, grid: str) -> str:
+        """A grid string (n*n digits, 0 = blank) in the task's layout (markers added for "boxes")."""
+        if self.layout == "flat":
+            return grid
+        _, bw = sudoku.box_shape(self.size)
+        return "".join(MARKERS[k] + grid[k * bw:(k + 1) * bw] for k in range(len(grid) // bw))
+
+    def parse_output(self, text: str) -> str:
+        """Model output back to the flat grid text the rule checker reads (markers of the layout dropped)."""
+        return text if self.layout == "flat" else "".join(ch for ch in text if ch not in MARKERS)
 
     def _rows(self, puzzles: list[dict]) -> list[dict]:
         rows = []
         for p in puzzles:
             bucket = sudoku.bucket(p["givens"], self.size) or ""
             prompt = sudoku.format_prompt("" if self.compact_prompt else p["puzzle"])
-            rows.append(make_row(self.name, prompt, sudoku.format_response(p["solution"]) if p["solution"] else "",
+            rows.append(make_row(self.name, prompt, self.format_response(p["solution"]) if p["solution"] else "",
                                  bucket, p["puzzle"], p["solution"], p["givens"]))
         return rows
 
@@ -94,8 +127,9 @@ class SudokuTask:
         return self._rows([{"puzzle": puzzle, "solution": "", "givens": sum(1 for v in cells if v)}])[0]
 
     def canvas_template(self, row: dict) -> list[str | None]:
-        """The givens in their canvas positions (known, never corrupted, clamped when sampling); None = blank."""
-        return [ch if ch != "0" else None for ch in row["puzzle"]]
+        """The givens (and a layout's markers) in their canvas positions (known, never corrupted, clamped when
+        sampling); None = blank."""
+        return [ch if ch != "0" else None for ch in self.format_response(row["puzzle"])]
 
     def peers(self) -> torch.Tensor:
         """[n, n] bool: cells sharing a row, column or box (a cell is not its own peer)."""
@@ -124,28 +158,29 @@ class SudokuTask:
         digit_probs [b, l, n]: the model's distribution over the digit tokens (renormalised over them); clean [b, l]
         the clean canvas; keep [b, l] the template (given) positions, whose digit is known (one-hot, not the
         model's); digit_ids [n] the digit token ids. Returns the mean squared deviation over units and digits."""
-        cells = self.size * self.size
-        p = digit_probs[:, :cells].float()  # [b, c, n]
+        pos = torch.tensor(self.cell_positions, device=digit_probs.device)  # [c]
+        p = digit_probs[:, pos].float()  # [b, c, n]
         if keep is not None:
-            given = (clean[:, :cells, None] == digit_ids.to(clean.device)).float()  # [b, c, n]
-            p = torch.where(keep[:, :cells, None], given, p)
+            given = (clean[:, pos, None] == digit_ids.to(clean.device)).float()  # [b, c, n]
+            p = torch.where(keep[:, pos, None], given, p)
         sums = torch.einsum("uc,bcd->bud", self.units().to(p.device), p)  # [b, 3n, n]
         return ((sums - 1.0) ** 2).mean()
 
     def make_guide(self, tokenizer):
         """A rule checker for verifier-guided sampling: `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]`
         flags fixed cells whose digit repeats the digit of another fixed cell in its row, column or box."""
-        cells = self.size * self.size
+        pos = torch.tensor(self.cell_positions)  # [c] canvas positions of the cells
         digit_of = torch.zeros(len(tokenizer), dtype=torch.long)
         for d in range(1, self.size + 1):
             digit_of[tokenizer.convert_tokens_to_ids(str(d))] = d
         peers = self.peers()
 
         def guide(tokens: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-            d = digit_of.to(tokens.device)[tokens[:, :cells]] * fixed[:, :cells]  # [b, n*n], 0 = not fixed / no digit
+            at = pos.to(tokens.device)
+            d = digit_of.to(tokens.device)[tokens[:, at]] * fixed[:, at]  # [b, n*n], 0 = not fixed / no digit
             clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & peers.to(tokens.device)  # [b, c, c]
             reject = torch.zeros_like(fixed)
-            reject[:, :cells] = clash.any(-1)
+            reject[:, at] = clash.any(-1)
             return reject
 
         return guide
@@ -158,4 +193,4 @@ class SudokuTask:
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Rules first (`solved`), then the reference (`exact`, `cell_acc`)."""
-        return sudoku.grade(row["puzzle"], row["solution"] or None, output, self.size)
+        return sudoku.grade(row["puzzle"], row["solution"] or None, self.parse_output(output), self.size)

@@ -18,7 +18,21 @@ def splits_for(task, cfg) -> dict[str, list[dict]]:
     from omegaconf import OmegaConf
 
     sizes = {"train": cfg.task.n_train, "val": cfg.task.n_val, "test": cfg.task.n_test}
-    return build_splits(task, sizes, cfg.task.seed, cfg.data_dir, OmegaConf.to_container(cfg.task, resolve=True))
+    key = OmegaConf.to_container(cfg.task, resolve=True)
+    files = {p: v for t in [task, *getattr(task, "tasks", {}).values()] for p, v in file_fingerprint(t).items()}
+    if files:  # the cached rows of a data-file task are stale once a file changes
+        key["file_fingerprints"] = files
+    return build_splits(task, sizes, cfg.task.seed, cfg.data_dir, key)
+
+
+def file_fingerprint(task) -> dict[str, list[int]]:
+    """{path: [size, mtime_ns]} of the data files a task reads (`task.files`), {} for generated tasks."""
+    out = {}
+    for path in (getattr(task, "files", None) or {}).values():
+        if path and Path(path).exists():
+            st = Path(path).stat()
+            out[str(path)] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def build_splits(task, sizes: dict[str, int], seed: int, cache_dir: str | Path | None, key: dict) -> dict[str, list[dict]]:
@@ -83,9 +97,8 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
         p = prompt_ids(tokenizer, row_prompt(row))
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [eos]
         if len(r) > canvas_length * max_canvases:
-            where = f"{row['source']}: " if row.get("source") else ""
             raise ValueError(
-                f"{where}row {i} ({row['task']}): response has {len(r)} tokens with EOS, more than "
+                f"{row.get('source') or f'row {i}'} ({row['task']}): response has {len(r)} tokens with EOS, more than "
                 f"{max_canvases} canvas(es) x canvas_length={canvas_length} (raise task.max_canvases or "
                 f"task.canvas_length)")
         n_blocks = -(-len(r) // canvas_length)
@@ -95,8 +108,7 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
             item["template"] = template_ids(tokenizer, task.canvas_template(row), canvas_length * n_blocks)
             bad = next((j for j, (t, c) in enumerate(zip(item["template"], item["canvas"])) if 0 <= t != c), None)
             if bad is not None:
-                where = f"{row['source']}: " if row.get("source") else ""
-                raise ValueError(f"{where}row {i} ({row['task']}): response token {bad} is "
+                raise ValueError(f"{row.get('source') or f'row {i}'} ({row['task']}): response token {bad} is "
                                  f"{tokenizer.decode([item['canvas'][bad]])!r}, the canvas template fixes "
                                  f"{tokenizer.decode([item['template'][bad]])!r} there")
         out.append(item)

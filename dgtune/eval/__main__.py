@@ -49,6 +49,8 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     rows = test_rows(task, splits, cfg)
     if cfg.eval.get("max_rows"):
         rows = rows[: cfg.eval.max_rows]
+    if not rows:
+        raise ValueError(f"task {task.name}: no test rows to evaluate (set task.files.test or task.test_file)")
     scfg = sampler_config(cfg)
     name = cfg.sampler.get("name", scfg.strategy)
     steps = list(cfg.eval.steps)

@@ -163,3 +163,19 @@ def test_train_cli_from_parquet_with_renamed_columns_and_long_answers(tmp_path):
     assert {r["model"] for r in report["rows"]} == {"base", "tuned"} and report["meta"]["task"] == "rev"
     run_cli("dgtune.eval", ["run", "eval.steps=[1]", "eval.compare_base=false"], tmp_path)
     assert {r["steps"] for r in json.loads((tmp_path / "run" / "report.json").read_text())["rows"]} == {1}
+
+
+def test_mixture_recipe_trains_one_adapter_and_reports_each_task(tmp_path):
+    """recipe=mixture (4x4 Sudoku + reversal answers of 1-2 canvases), shrunk: one run, a report with rows for all
+    tasks together and for each task, and 2-canvas sampling in its eval."""
+    from dgtune.train import train
+
+    cfg = compose(["recipe=mixture", "trainer.max_steps=2", "trainer.batch_size=8", "task.n_train=16", "task.n_val=4",
+                   "task.n_test=8", "eval.steps=[1]", "eval.compare_base=false", "eval.quick_every=0",
+                   "trainer.progress_bar=false", "trainer.mixed_precision=no", f"run_dir={tmp_path / 'run'}",
+                   f"data_dir={tmp_path / 'data'}"])
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    by = {r["task"]: r for r in report["rows"] if r["bucket"] == "all"}
+    assert set(by) == {"all", "sudoku4", "rev"} and by["all"]["n"] == 8 and by["sudoku4"]["n"] + by["rev"]["n"] == 8
+    assert "## Task: rev" in (tmp_path / "run" / "report.md").read_text()

@@ -36,6 +36,13 @@ def build_task(cfg):
                         cfg.get("max_canvases", 1))
     if cfg.name == "mixture":
         return build_mixture(cfg)
+    if cfg.name == "synthetic":  # one generated task of the pretraining mixture, e.g. inside task=mixture
+        from dgtune.tasks import synthetic
+
+        makers = {"sort": synthetic.SortTask, "rev": synthetic.ReverseTask}
+        if cfg.kind not in makers:
+            raise ValueError(f"task.kind={cfg.kind!r}: expected one of {sorted(makers)}")
+        return makers[cfg.kind](cfg.get("min_len", 4), cfg.get("max_len", 40))
     raise ValueError(f"unknown task.name={cfg.name!r} (expected 'sudoku', 'pretrain_mix', 'jsonl', 'data' or "
                      "'mixture')")
 
@@ -57,7 +64,7 @@ def build_mixture(cfg):
         raise ValueError(f"task.weights names tasks {sorted(unknown)} that task.tasks lacks ({sorted(subs)})")
     tasks = []
     for key, sub in subs.items():
-        sub = OmegaConf.merge(sub, {"canvas_length": cfg.canvas_length})  # one canvas for every task of the mixture
+        sub = OmegaConf.merge(OmegaConf.to_container(sub, resolve=True), {"canvas_length": cfg.canvas_length})  # one canvas for all
         tasks.append(build_task(sub))
         if getattr(tasks[-1], "use_template", False):
             raise ValueError(f"task.tasks.{key}: canvas templates are not supported inside a mixture")

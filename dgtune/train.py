@@ -110,6 +110,10 @@ def train(cfg: DictConfig) -> dict:
     task = build_task(cfg.task)
     model.config.canvas_length = task.canvas_length
     splits = splits_for(task, cfg)
+    if cfg.eval.at_end:  # fail before training, not after it
+        from dgtune.eval.__main__ import require_test_rows
+
+        require_test_rows(task, splits, cfg)
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     global_batch = tc.batch_size * world
     if world > 1 and len(train_items) < global_batch:

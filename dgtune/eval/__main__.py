@@ -44,6 +44,12 @@ def test_rows(task, splits, cfg) -> list[dict]:
     return splits["test"]
 
 
+def require_test_rows(task, splits, cfg) -> None:
+    """Stop before any work when there is nothing to evaluate (a data task without a test file)."""
+    if not cfg.task.get("test_file") and not splits["test"]:
+        raise ValueError(f"task {task.name}: no test rows to evaluate (set task.files.test or task.test_file)")
+
+
 def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=None, base_model=None) -> str:
     """Evaluate tuned (and base) over `eval.steps`, write the report files, print the table; returns report.json."""
     rows = test_rows(task, splits, cfg)
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     splits = None
     if not cfg.task.get("test_file"):
         splits = splits_for(task, cfg)
+        require_test_rows(task, splits, cfg)
     return run_report(tuned, tokenizer, task, splits, cfg, run_dir, None, base_model=base)
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from dgtune.data import prompt_ids
+from dgtune.data import prompt_ids, row_prompt
 from dgtune.sampling.sampler import SamplerConfig, sample
 
 
@@ -15,7 +15,7 @@ def group_by_prompt_length(tokenizer, rows: list[dict]) -> list[tuple[list[int],
     """[(row indices, prompt ids [n, p])] with equal-length prompts in each group (no padding needed)."""
     groups = defaultdict(list)
     for i, row in enumerate(rows):
-        ids = prompt_ids(tokenizer, row["prompt"])
+        ids = prompt_ids(tokenizer, row_prompt(row))
         groups[len(ids)].append((i, ids))
     return [([i for i, _ in g], torch.tensor([ids for _, ids in g])) for _, g in sorted(groups.items())]
 
@@ -59,6 +59,8 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     guide = task.make_guide(tokenizer) if guided else None
     if sampler_cfg.noise == "mask" and sampler_cfg.mask_token_id is None:
         sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "mask_token_id": tokenizer.mask_token_id})
+    if getattr(task, "max_canvases", 1) > sampler_cfg.max_canvases:  # answers that span several canvases
+        sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_canvases": int(task.max_canvases)})
     if sampler_cfg.compile:
         warm_up_compiled(model, groups, sampler_cfg, batch_size, eos, pad, task.canvas_length, templates, device)
     for steps in steps_list:
@@ -80,7 +82,8 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 for j, (i, text) in enumerate(zip(chunk, texts)):
                     grade = task.grade(rows[i], text)
                     records.append({"model": model_name, "sampler": sampler_name, "steps": int(steps), "row": int(i),
-                                    "bucket": rows[i].get("bucket") or None, "nfe": float(res.nfe[j]),
+                                    "task": rows[i].get("task"), "bucket": rows[i].get("bucket") or None,
+                                    "nfe": float(res.nfe[j]),
                                     "output": text, **grade})
         timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
     return records, timings

@@ -98,9 +98,10 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
     out, prompts = [], {}  # prompt text -> ids (a compact prompt is the same for every row)
     for i, row in enumerate(rows):
         text = row_prompt(row)
-        if text not in prompts:
-            prompts[text] = prompt_ids(tokenizer, text)
-        p = list(prompts[text])
+        key = text if isinstance(text, str) else json.dumps(text)
+        if key not in prompts:
+            prompts[key] = prompt_ids(tokenizer, text)
+        p = list(prompts[key])
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [eos]
         if len(r) > canvas_length * max_canvases:
             raise ValueError(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from dgtune.models.quant import bnb_config, default_device_map, quantised_copy
+
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,19 +50,23 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
-    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer)."""
+    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer).
+
+    `model.quantization` (null | 4bit | 8bit) loads the base through bitsandbytes (`dgtune.models.quant`)."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if cfg.source == "scratch":
-        from dgtune.models.tiny import build_tiny_model
-
-        return build_tiny_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
-    if cfg.source == "shaped":
-        from dgtune.models.shaped import build_shaped_model
-
-        return build_shaped_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+    quantization = bnb_config(cfg.get("quantization"))  # fails at once where bitsandbytes cannot run
+    if cfg.source in ("scratch", "shaped"):
+        if cfg.source == "scratch":
+            from dgtune.models.tiny import build_tiny_model as build
+        else:
+            from dgtune.models.shaped import build_shaped_model as build
+        model, tokenizer = build(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+        if quantization is not None:
+            model = quantised_copy(model, cfg.quantization)
+        return model, tokenizer
     if cfg.source == "bundled":
         path = str(BUNDLED_DIR)
         if not (BUNDLED_DIR / "model.safetensors").exists():
@@ -77,6 +83,9 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs.setdefault("device_map", default_device_map())
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model, tokenizer

@@ -32,10 +32,12 @@ def _cache_as(cache, layers_before: list):
         cache.layers = live
 
 
-def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, cache=None, **kwargs):
-    """An encoder layer's forward under checkpointing (training with gradients only); see the module docstring."""
+def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, **kwargs):
+    """An encoder layer's forward under checkpointing (training with gradients only); see the module docstring.
+    The cache comes as `cache=` (transformers > 5.17) or `past_key_values=` (5.17)."""
     if not (layer.training and torch.is_grad_enabled()):
-        return forward(hidden_states, *args, cache=cache, **kwargs)
+        return forward(hidden_states, *args, **kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
     before = [copy.copy(entry) for entry in cache.layers]  # layers' tensors are replaced on update, not mutated
@@ -43,7 +45,7 @@ def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, cache=No
     def contexts():
         return nullcontext(), _cache_as(cache, before)
 
-    return checkpoint(forward, hidden_states, *args, cache=cache, use_reentrant=False, context_fn=contexts, **kwargs)
+    return checkpoint(forward, hidden_states, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -52,7 +52,10 @@ def enable_gradient_checkpointing(model) -> None:
     """Checkpoint every encoder and decoder layer of a (peft-wrapped or plain) DiffusionGemma, non-reentrant: each
     layer keeps only its input and recomputes its activations in backward. Takes effect in `model.train()` mode."""
     core = unwrap(model)
-    core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # decoder layers
+    if hasattr(core, "activation_checkpointing_enable"):  # decoder layers
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 5.17's name
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in core.model.encoder.language_model.layers:
         if getattr(layer, "_dgtune_checkpointed", False):
             continue

@@ -4,7 +4,8 @@ Without `--merge` the PEFT adapter (adapter_config.json + adapter_model.safetens
 With `--merge`: DiffusionGemma's encoder and decoder share tied base weights but get separate adapters, so
 merging both deltas into the shared tensors would be wrong. The base is therefore untied first (every shared
 tensor gets its own copy), each adapter is merged into its own copy, and `tie_word_embeddings=False` is saved.
-The merged model is larger than the base but gives the same outputs as base + adapter.
+The merged model is larger than the base but gives the same outputs as base + adapter. A run trained on a
+quantised base (`model.quantization`) is merged into the unquantised base weights.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[dgtune] adapter copied to {out}")
         return out
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.model.quantization = None  # merge into the 16-bit base (a 4-bit / 8-bit run's adapter was trained on it)
     base, tokenizer = load_model(cfg.model)
     merged = merge_adapter(base, str(final))
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from dgtune.models.quant import bnb_config, default_device_map, quantised_copy
+from dgtune.models.unsloth_backend import check_backend, load_with_unsloth
+
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,19 +51,25 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
-    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer)."""
+    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer).
+
+    `model.quantization` (null | 4bit | 8bit) loads the base through bitsandbytes (`dgtune.models.quant`);
+    `model.backend=unsloth` loads it through unsloth's loader (`dgtune.models.unsloth_backend`, CUDA only)."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if cfg.source == "scratch":
-        from dgtune.models.tiny import build_tiny_model
-
-        return build_tiny_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
-    if cfg.source == "shaped":
-        from dgtune.models.shaped import build_shaped_model
-
-        return build_shaped_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+    backend = check_backend(cfg)  # fails at once where model.backend cannot run
+    quantization = None if backend == "unsloth" else bnb_config(cfg.get("quantization"))  # same for bitsandbytes
+    if cfg.source in ("scratch", "shaped"):
+        if cfg.source == "scratch":
+            from dgtune.models.tiny import build_tiny_model as build
+        else:
+            from dgtune.models.shaped import build_shaped_model as build
+        model, tokenizer = build(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+        if quantization is not None:
+            model = quantised_copy(model, cfg.quantization, dtype=DTYPES[cfg.get("dtype", "float32")])
+        return model, tokenizer
     if cfg.source == "bundled":
         path = str(BUNDLED_DIR)
         if not (BUNDLED_DIR / "model.safetensors").exists():
@@ -71,12 +80,17 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         path = resolve_model_path(cfg.name_or_path)
     else:
         raise ValueError(f"model.source must be 'bundled', 'pretrained', 'scratch' or 'shaped', got {cfg.source!r}")
+    if backend == "unsloth":
+        return load_with_unsloth(path, cfg, DTYPES[cfg.get("dtype", "bfloat16")])
     trust = bool(cfg.get("trust_remote_code", False))
     kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs.setdefault("device_map", default_device_map())
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model, tokenizer

@@ -113,6 +113,9 @@ def _buckets(rows: list[dict]) -> list[str]:
 
 def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
     """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket; save PNG to `path`."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO lines on normal runs
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,6 +173,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

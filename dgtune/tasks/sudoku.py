@@ -307,8 +307,10 @@ def grade(puzzle: str, solution: str | None, output_text: str, size: int) -> dic
 
 def read_csv(path, size: int | None = None) -> list[dict]:
     """Rows {'puzzle', 'solution' ('' if absent), 'givens'} of a CSV with header `puzzle,solution`.
-    Size is inferred from the first row when None. Malformed rows raise SudokuFormatError naming
-    the path and 1-based line; a missing file raises FileNotFoundError."""
+    Size is inferred from the first row when None. Malformed rows, a puzzle without a solution column that has
+    no solution, and a file without rows raise SudokuFormatError naming the path (and 1-based line); puzzles
+    without a solution column that have several solutions are counted (one stderr line) and graded by the rules.
+    A missing file raises FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sudoku CSV file not found: {path}")

@@ -139,12 +139,15 @@ RULES = {
     "model.source": _choice("bundled", "pretrained", "scratch", "shaped"),
 }
 LORA_RULES = {"lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1, hi_open=True)}
-# model keys each source reads (besides `source`); any other key set to a value is an error, not silently ignored
-MODEL_KEYS = {
-    "bundled": {"dtype", "attn_implementation", "trust_remote_code", "device_map", "backend"},
-    "pretrained": {"name_or_path", "dtype", "attn_implementation", "trust_remote_code", "device_map", "backend"},
-    "scratch": {"init_seed", "sizes"},
-    "shaped": {"init_seed", "sizes"},
+# model keys read by some sources only: set (not null) under another source they would be silently ignored
+MODEL_KEY_SOURCES = {
+    "name_or_path": ("pretrained",),
+    "dtype": ("bundled", "pretrained"),
+    "attn_implementation": ("bundled", "pretrained"),
+    "trust_remote_code": ("bundled", "pretrained"),
+    "device_map": ("bundled", "pretrained"),
+    "init_seed": ("scratch", "shaped"),
+    "sizes": ("scratch", "shaped"),
 }
 
 
@@ -182,13 +185,13 @@ def check_config(cfg: DictConfig, sections=("trainer", "eval", "task", "sampler"
 
 def _check_model(mcfg: DictConfig) -> None:
     source = mcfg.get("source")
-    used = MODEL_KEYS.get(source, set())
     for key, value in mcfg.items():
-        if key == "source" or value is None or key in used:
+        sources = MODEL_KEY_SOURCES.get(key)
+        if value is None or sources is None or source in sources:
             continue
         hint = " (to load your own folder or Hub id use model.source=pretrained)" if key == "name_or_path" else ""
-        raise ConfigError(f"model.{key}={_plain(value)!r} is ignored by model.source={source}; "
-                          f"that source reads: {', '.join(sorted(used))}{hint}")
+        raise ConfigError(f"model.{key}={_plain(value)!r} is ignored by model.source={source}; it is read only "
+                          f"with model.source={' or '.join(sources)}{hint}")
     if source == "pretrained" and not mcfg.get("name_or_path"):
         raise ConfigError("model.source=pretrained needs model.name_or_path (a Hub id or a local folder)")
 

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -108,10 +109,13 @@ def train(cfg: DictConfig) -> dict:
                            f"({accelerator.distributed_type}); on CPUs pass trainer.device=cpu")
     task = build_task(cfg.task)
     check_inputs(cfg, task)  # a bad test file or model folder fails now, not after training
+    splits = splits_for(task, cfg)  # data files (e.g. task=jsonl) are read before the run folder exists
+    if cfg.resume and cfg.run_dir and not (Path(cfg.run_dir) / "checkpoints").is_dir():
+        raise CheckpointError(f"resume=true but {cfg.run_dir}/checkpoints has no complete checkpoint (no such folder)")
     run_dir = shared_run_dir(cfg, accelerator)
     lock = acquire_lock(run_dir) if main else None
     try:
-        return _train(cfg, accelerator, run_dir, task)
+        return _train(cfg, accelerator, run_dir, task, splits)
     finally:
         release_lock(lock)
 
@@ -135,7 +139,7 @@ def resume_state(run_dir, model, optimizer, scheduler, print_fn=print) -> dict:
                           + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
 
 
-def _train(cfg: DictConfig, accelerator, run_dir, task) -> dict:
+def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     """The body of `train` once the run folder is chosen and locked."""
     from tqdm import tqdm
 
@@ -147,7 +151,6 @@ def _train(cfg: DictConfig, accelerator, run_dir, task) -> dict:
     # Model, task and data
     model, tokenizer = load_model(cfg.model)
     model.config.canvas_length = task.canvas_length
-    splits = splits_for(task, cfg)
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     global_batch = tc.batch_size * world
     if world > 1 and len(train_items) < global_batch:
@@ -277,7 +280,9 @@ def _train(cfg: DictConfig, accelerator, run_dir, task) -> dict:
         tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.print(f"[dgtune] done: {run_dir} ({step} steps, {summary['train_minutes']:.1f} min); weights: "
-                      f"{run_dir / 'final'}" + (f", report: {summary['report']}" if summary.get("report") else ""))
+                      f"{run_dir / 'final'}" + (f", report: {summary['report']}, plot: "
+                                                 f"{Path(summary['report']).with_name('accuracy_vs_steps.png')}"
+                                                 if summary.get("report") else ""))
     return summary
 
 

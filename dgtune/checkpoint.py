@@ -112,15 +112,15 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def checkpoint_candidates(run_dir: Path) -> list[tuple[Path, str | None]]:
-    """[(checkpoint folder, problem or None)], newest first: every `step_*` folder, and the folder
-    `checkpoints/latest` names if it is gone."""
+    """[(checkpoint folder, problem or None)], newest first: the folder `checkpoints/latest` names (even if it is
+    gone), then the older `step_*` folders; without a `latest` file, every `step_*` folder. Folders newer than
+    the one `latest` names are not candidates (a run rolled back by pointing `latest` at an older checkpoint)."""
     root = Path(run_dir) / "checkpoints"
     folders = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if named not in folders:
-            folders = sorted([*folders, named], reverse=True)
+        folders = [named] + [p for p in folders if p.name < named.name]
     return [(p, checkpoint_problem(p)) for p in folders]
 
 
@@ -150,3 +150,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return json.loads((path / "state.json").read_text())
+
+
+def resume_state(run_dir, model, optimizer, scheduler, print_fn=print) -> dict:
+    """Load the newest complete and loadable checkpoint of `run_dir`, saying which newer ones were skipped and
+    why; CheckpointError (listing every reason) when none loads."""
+    skipped = []
+    for ckpt, problem in checkpoint_candidates(run_dir):
+        if problem is None:
+            try:
+                state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            except Exception as e:  # e.g. a truncated optimizer.pt
+                problem = f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if problem is not None:
+            skipped.append(f"{ckpt.name}: {problem}")
+            print_fn(f"[dgtune] skipping checkpoint {ckpt}: {problem}")
+            continue
+        return {**state, "checkpoint": str(ckpt), "skipped": skipped}
+    from dgtune.validate import CheckpointError
+
+    raise CheckpointError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint"
+                          + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))

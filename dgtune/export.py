@@ -95,7 +95,7 @@ def _main(argv: list[str] | None = None) -> Path:
     from dgtune.checkpoint import fix_modes
     from dgtune.models.load import load_model
     from dgtune.tasks import build_task
-    from dgtune.train import quiet_third_party
+    from dgtune.validate import quiet_third_party
 
     quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)

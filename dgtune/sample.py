@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> str:
 
 def _main(argv: list[str] | None = None) -> str:
     from dgtune.eval.__main__ import load_run, merge_overrides
-    from dgtune.train import quiet_third_party
+    from dgtune.validate import quiet_third_party
     from dgtune.validate import check_config
     from dgtune.tasks import build_task
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgtune.checkpoint import checkpoint_candidates, load_checkpoint, save_checkpoint, save_weights
+from dgtune.checkpoint import resume_state, save_checkpoint, save_weights
 from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
 from dgtune.diffusion.loss import DenoisingLoss
 from dgtune.diffusion.model_calls import unwrap
@@ -31,7 +31,8 @@ from dgtune.models.load import load_model
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir, sweep_group
 from dgtune.tasks import build_task
 from dgtune.tracking import Tracker, trim_metrics
-from dgtune.validate import CheckpointError, NonFiniteError, check_config, check_inputs, cli_errors
+from dgtune.validate import (CheckpointError, NonFiniteError, check_config, check_inputs, cli_errors,
+                             quiet_third_party)
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -118,25 +119,6 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, accelerator, run_dir, task, splits)
     finally:
         release_lock(lock)
-
-
-def resume_state(run_dir, model, optimizer, scheduler, print_fn=print) -> dict:
-    """Load the newest complete and loadable checkpoint of `run_dir`, saying which newer ones were skipped and
-    why; CheckpointError (listing every reason) when none loads."""
-    skipped = []
-    for ckpt, problem in checkpoint_candidates(run_dir):
-        if problem is None:
-            try:
-                state = load_checkpoint(ckpt, model, optimizer, scheduler)
-            except Exception as e:  # e.g. a truncated optimizer.pt
-                problem = f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        if problem is not None:
-            skipped.append(f"{ckpt.name}: {problem}")
-            print_fn(f"[dgtune] skipping checkpoint {ckpt}: {problem}")
-            continue
-        return {**state, "checkpoint": str(ckpt), "skipped": skipped}
-    raise CheckpointError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint"
-                          + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
 
 
 def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
@@ -302,17 +284,6 @@ def nonfinite_step(cfg: DictConfig, step: int, loss: float, grad_norm: float, sk
                              f"stopped, the saved checkpoints hold the last finite weights (lower trainer.lr={tc.lr})")
     print(f"[dgtune] {what}: step skipped (trainer.on_nonfinite=skip)", file=sys.stderr)
     return skips
-
-
-def quiet_third_party() -> None:
-    """Silence third-party noise on normal runs: transformers' deprecation FutureWarnings raised by its own
-    code, and matplotlib's INFO/DEBUG logging."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:

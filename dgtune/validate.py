@@ -226,3 +226,14 @@ def cli_errors():
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"dgtune: error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party noise on normal runs: transformers' deprecation FutureWarnings raised by its own
+    code, and matplotlib's INFO/DEBUG logging."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)

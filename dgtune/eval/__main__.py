@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> str:
 def _main(argv: list[str] | None = None) -> str:
     import torch
 
-    from dgtune.train import quiet_third_party
+    from dgtune.validate import quiet_third_party
     from dgtune.validate import check_config
 
     from dgtune.data import splits_for

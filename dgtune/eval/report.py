@@ -129,6 +129,9 @@ def _buckets(rows: list[dict]) -> list[str]:
 def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
     """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket (one row of subplots per
     task when the rows hold several); save PNG to `path`."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO lines on normal runs
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +195,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -43,13 +43,17 @@ def warm_up_compiled(model, groups, cfg: SamplerConfig, batch_size: int, eos: in
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
-             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False):
+             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False,
+             progress: bool = False):
     """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
     are clamped; with `guided`, the task's rule checker vetoes accepted tokens that break a hard constraint.
 
     Returns (records, timings): one record per (steps, row) with the row index, output text, grade, bucket and NFE; timings map
     (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
+    `progress` shows a progress bar over the sweep (batches x step counts) on stderr.
     """
+    from tqdm import tqdm
+
     model.eval()
     device = device or next(model.parameters()).device
     groups = group_by_prompt_length(tokenizer, rows)
@@ -63,7 +67,11 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
         sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_canvases": int(task.max_canvases)})
     if sampler_cfg.compile:
         warm_up_compiled(model, groups, sampler_cfg, batch_size, eos, pad, task.canvas_length, templates, device)
+    n_batches = sum(-(-len(idx) // batch_size) for idx, _ in groups)
+    bar = tqdm(total=n_batches * len(steps_list), desc=f"eval {model_name} ({sampler_name})", unit="batch",
+               disable=not progress, dynamic_ncols=True)
     for steps in steps_list:
+        bar.set_postfix(steps=int(steps))
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
         n_tokens, seconds = 0, 0.0
         for gi, (idx, prompts) in enumerate(groups):
@@ -77,6 +85,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds,
                              template=template, guide=guide)
                 seconds += time.perf_counter() - t0
+                bar.update(1)
                 n_tokens += int((res.tokens != pad).sum())
                 texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)
                 for j, (i, text) in enumerate(zip(chunk, texts)):
@@ -86,4 +95,5 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                                     "nfe": float(res.nfe[j]),
                                     "output": text, **grade})
         timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
+    bar.close()
     return records, timings

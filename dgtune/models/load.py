@@ -45,9 +45,38 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelNotAvailableError(
             f"cannot load {name_or_path!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
             "(offline, or HF_HUB_OFFLINE=1). Download it where the Hub is reachable "
-            f"(`huggingface-cli download {name_or_path}`) and copy the cache, or pass model.name_or_path=/local/folder."
+            f"(`hf download {name_or_path}`) and copy the cache, or pass model.name_or_path=/local/folder."
         )
     return name_or_path
+
+
+def check_model_files(cfg) -> None:
+    """Fail at once, naming the file, when a local model folder (the bundled base, or model.name_or_path) lacks
+    config.json or holds a safetensors file whose header cannot be read (truncated, corrupted)."""
+    from safetensors import safe_open
+
+    from dgtune.validate import InputError
+
+    if cfg.source == "bundled":
+        folder = BUNDLED_DIR
+    elif cfg.source == "pretrained":
+        path = resolve_model_path(cfg.name_or_path)
+        if not Path(path).is_dir():
+            return  # a Hub id in the local cache: read by from_pretrained
+        folder = Path(path)
+    else:
+        return
+    if not (folder / "config.json").exists():
+        raise InputError(f"model folder {folder} has no config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"model folder {folder} has no *.safetensors weights (dgtune loads safetensors only)")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError: truncated or corrupted header
+            raise InputError(f"model weights {f} cannot be read ({e}); restore or re-download the file") from None
 
 
 def load_model(cfg) -> tuple[torch.nn.Module, object]:

@@ -131,7 +131,6 @@ RULES = {
     "task.seed": _int(0),
     "task.canvas_length": _int(1),
     "task.test_file": _str(none=True),
-    "task.template": _bool(),
     "task.compact_prompt": _bool(),
     "task.fresh": _bool(),
     "task.fresh_per_base": _int(1),

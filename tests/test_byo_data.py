@@ -162,7 +162,9 @@ def test_train_cli_from_parquet_with_renamed_columns_and_long_answers(tmp_path):
     assert {r["bucket"] for r in report["rows"]} == {"all", "long", "short"}
     assert {r["model"] for r in report["rows"]} == {"base", "tuned"} and report["meta"]["task"] == "rev"
     run_cli("dgtune.eval", ["run", "eval.steps=[1]", "eval.compare_base=false"], tmp_path)
-    assert {r["steps"] for r in json.loads((tmp_path / "run" / "report.json").read_text())["rows"]} == {1}
+    (eval_dir,) = (tmp_path / "run").glob("eval-*")  # eval writes its own folder; the training report stays
+    assert {r["steps"] for r in json.loads((eval_dir / "report.json").read_text())["rows"]} == {1}
+    assert {r["steps"] for r in json.loads((tmp_path / "run" / "report.json").read_text())["rows"]} == {2}
 
 
 def test_mixture_recipe_trains_one_adapter_and_reports_each_task(tmp_path):

@@ -4,7 +4,11 @@ Without `--merge` the PEFT adapter (adapter_config.json + adapter_model.safetens
 With `--merge`: DiffusionGemma's encoder and decoder share tied base weights but get separate adapters, so
 merging both deltas into the shared tensors would be wrong. The base is therefore untied first (every shared
 tensor gets its own copy), each adapter is merged into its own copy, and `tie_word_embeddings=False` is saved.
-The merged model is larger than the base but gives the same outputs as base + adapter.
+The merged model is larger than the base but gives the same outputs as base + adapter. A run trained on a
+quantised base (`model.quantization`) is merged into the unquantised base weights.
+Both write `generation_config.json` (EOS, one canvas, the step count, `--steps N` to change it) so that a plain
+`model.generate(**ids)` samples as dgtune's reference mode does; the adapter names its base portably (the Hub id,
+the bundled base's folder name, or `--base-model NAME_OR_PATH`).
 """
 
 from __future__ import annotations
@@ -43,31 +47,96 @@ def merge_adapter(base_model, adapter_dir: str):
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 
 
+def base_model_name(cfg) -> str:
+    """How an exported adapter names its base: the Hub id of a `model.source=pretrained` run, else (the bundled
+    base, a local folder) the folder's name only, never an absolute path of the training machine."""
+    name = cfg.model.get("name_or_path")
+    if cfg.model.source == "pretrained" and name and not name.startswith((".", "/")) and not Path(name).exists():
+        return name
+    from dgtune.models.load import BUNDLED_DIR
+
+    if cfg.model.source in ("scratch", "shaped"):  # built in code by dgtune.models (no folder to name)
+        return f"dgtune model.source={cfg.model.source}"
+    return Path(name).name if name else BUNDLED_DIR.name
+
+
+def write_generation_config(folder: Path, cfg, tokenizer, canvas_length: int, steps: int | None = None) -> Path:
+    """`generation_config.json` for transformers' `generate()`: EOS and pad ids, one canvas per answer
+    (`max_new_tokens` = canvas_length x sampler.max_canvases), the step count (`steps`, default
+    `sampler.max_steps`) and the entropy-bound sampler's settings, so that `model.generate(**ids)` draws exactly
+    what dgtune's reference mode draws (other strategies have no generate() counterpart: only ids and lengths)."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig, EntropyBoundSamplerConfig)
+
+    sc = cfg.sampler
+    kw = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+          "max_new_tokens": canvas_length * int(sc.get("max_canvases", 1)),
+          "max_denoising_steps": int(steps or sc.max_steps)}
+    if sc.get("strategy", "entropy_bound") == "entropy_bound":
+        kw.update(t_min=float(sc.t_min), t_max=float(sc.t_max), stability_threshold=int(sc.stability_threshold),
+                  confidence_threshold=float(sc.confidence_threshold),
+                  sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(sc.entropy_bound)))
+    DiffusionGemmaGenerationConfig(**kw).save_pretrained(str(folder))
+    return Path(folder) / "generation_config.json"
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point."""
+    """CLI entry point: `RUN_DIR OUT_DIR [--merge] [--base-model NAME_OR_PATH] [--steps N]`."""
+    from dgtune.validate import cli_errors
+
+    with cli_errors():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> Path:
+    import json
+
     from omegaconf import OmegaConf
 
+    from dgtune.checkpoint import fix_modes
     from dgtune.models.load import load_model
+    from dgtune.tasks import build_task
+    from dgtune.validate import quiet_third_party
 
+    quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
-    merge = "--merge" in argv
-    args = [a for a in argv if a != "--merge"]
-    if len(args) != 2:
+    opts, args, it = {}, [], iter(argv)
+    for a in it:
+        if a in ("--base-model", "--steps"):
+            opts[a] = next(it, None)
+        else:
+            args.append(a)
+    merge = "--merge" in args
+    args = [a for a in args if a != "--merge"]
+    if len(args) != 2 or None in opts.values():
         print(__doc__)
         raise SystemExit(2)
     run_dir, out = Path(args[0]), Path(args[1])
     final = run_dir / "final"
     if not (final / "adapter_config.json").exists():
         raise FileNotFoundError(f"{final} has no adapter_config.json: not a finished LoRA run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    canvas_length = build_task(cfg.task).canvas_length
+    steps = int(opts["--steps"]) if "--steps" in opts else None
     if not merge:
         shutil.copytree(final, out, dirs_exist_ok=True)
-        print(f"[dgtune] adapter copied to {out}")
+        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+        adapter_cfg["base_model_name_or_path"] = opts.get("--base-model") or base_model_name(cfg)
+        (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(final))
+        write_generation_config(out, cfg, tokenizer, canvas_length, steps)
+        fix_modes(out)
+        print(f"[dgtune] adapter copied to {out} (base: {adapter_cfg['base_model_name_or_path']!r}; "
+              f"set model.config.canvas_length={canvas_length} on the base before generate())")
         return out
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.model.quantization = None  # merge into the 16-bit base (a 4-bit / 8-bit run's adapter was trained on it)
     base, tokenizer = load_model(cfg.model)
+    base.config.canvas_length = canvas_length
     merged = merge_adapter(base, str(final))
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    write_generation_config(out, cfg, tokenizer, canvas_length, steps)
+    fix_modes(out)
     print(f"[dgtune] merged model written to {out}")
     return out
 

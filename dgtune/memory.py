@@ -177,10 +177,17 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
             "logits": logits, "overhead": overhead, "total": total}
 
 
+def quantised_parameters(shape: TextShape) -> int:
+    """Text-model parameters dgtune's 4-bit / 8-bit load quantises (`dgtune.models.quant.SKIP_MODULES`): every
+    nn.Linear except the router projections (skipped) and the LM head (tied to the embedding)."""
+    return linear_parameters(shape) - shape.hidden_size * shape.num_experts * len(shape.layer_types)
+
+
 def four_bit_weight_bytes(shape: TextShape, quantised_linear: bool = True) -> float:
-    """Weight bytes with bitsandbytes NF4 on nn.Linear modules only (0.5 B + fp32 absmax per 64 = 0.5625 B/param),
-    the experts (3-D nn.Parameters), embedding/LM head and norms in bf16. quantised_linear=False: transformers'
-    default skip list (every tied key, i.e. every encoder/decoder layer weight) leaves all of them bf16 too."""
+    """Weight bytes with bitsandbytes NF4 (0.5 B + fp32 absmax per 64 = 0.5625 B/param; double quant would make it
+    ~0.53) on the `quantised_parameters`, the experts (3-D nn.Parameters), embedding/LM head, routers and norms in
+    bf16. quantised_linear=False: transformers' default skip list (every tied key, i.e. every encoder/decoder layer
+    weight) leaves the layer linears bf16 too (only the self-conditioning gate/up would be quantised; ignored)."""
     n = sum(parameter_counts(shape).values())
-    q = linear_parameters(shape) if quantised_linear else 0
+    q = quantised_parameters(shape) if quantised_linear else 0
     return q * 0.5625 + (n - q) * 2.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -70,3 +73,59 @@ def sweep_group(cfg: DictConfig) -> str | None:
     except Exception:
         pass
     return None
+
+
+LOCK_NAME = ".dgtune.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed but not yet reaped process is a zombie: it writes nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Create `<run_dir>/.dgtune.lock` (pid and host of this process), atomically. A lock held by a live process
+    raises RunLockedError; one left by a process that is gone (killed) is taken over, with a message."""
+    from dgtune.validate import RunLockedError
+
+    path = Path(run_dir) / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                held, pid, host = {}, None, None
+            if pid is not None and (host != me["host"] or _pid_alive(pid)):
+                where = f"pid {pid}" + (f" on {host}" if host != me["host"] else "")
+                raise RunLockedError(f"run folder {run_dir} is in use by {where} since {held.get('since')} (lock "
+                                     f"file {path}); wait for it to finish, or delete the lock if that process is gone")
+            print(f"[dgtune] taking over the stale lock {path} (pid {pid} is gone)")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return path
+    raise RunLockedError(f"could not lock {path}: another process keeps creating it")
+
+
+def release_lock(path: Path | None) -> None:
+    """Remove the lock file if this process holds it."""
+    if path is None:
+        return
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError):
+        pass

@@ -7,6 +7,27 @@ import os
 from pathlib import Path
 
 
+def trim_metrics(run_dir: Path, step: int) -> int:
+    """Drop the records after `step` from `<run_dir>/metrics.jsonl` (atomically), so a run resumed from the
+    checkpoint of `step` logs each later step once; returns how many records were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a half-written last line of a killed run
+            pass
+    if len(keep) != len(lines):
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class Tracker:
     """Append-only JSONL metrics plus an optional W&B run (offline when no API key is set).
 

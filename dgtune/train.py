@@ -16,20 +16,23 @@ import random
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from dgtune.checkpoint import resume_state, save_checkpoint, save_weights
 from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
 from dgtune.diffusion.loss import DenoisingLoss
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.checkpointing import enable_gradient_checkpointing
 from dgtune.models.load import load_model
-from dgtune.run_folder import shared_run_dir, sweep_group
+from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir, sweep_group
 from dgtune.tasks import build_task
-from dgtune.tracking import Tracker
+from dgtune.tracking import Tracker, trim_metrics
+from dgtune.validate import (CheckpointError, NonFiniteError, check_config, check_inputs, cli_errors,
+                             quiet_third_party)
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -83,10 +86,14 @@ def train(cfg: DictConfig) -> dict:
 
     With several processes (`accelerate launch` / `torchrun`) every process runs this function: each takes its
     `trainer.batch_size` rows of the step's global batch, gradients are all-reduced inside the prepared
-    `DenoisingLoss`, and only the main process writes the run folder and runs the evals (the others wait)."""
+    `DenoisingLoss`, and only the main process writes the run folder and runs the evals (the others wait).
+
+    Before any folder is created the config is checked (`dgtune.validate.check_config`) and the inputs are read
+    (test file, model folder); the run folder is then locked (`<run_dir>/.dgtune.lock`) while training runs."""
+    check_config(cfg)
+    quiet_third_party()
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from tqdm import tqdm
 
     tc = cfg.trainer
     accelerator = Accelerator(
@@ -101,15 +108,35 @@ def train(cfg: DictConfig) -> dict:
     if launched != world:  # e.g. torchrun on a machine without GPUs and trainer.device=auto: each would train alone
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {world} process(es) "
                            f"({accelerator.distributed_type}); on CPUs pass trainer.device=cpu")
+    task = build_task(cfg.task)
+    check_inputs(cfg, task)  # a bad test file or model folder fails now, not after training
+    splits = splits_for(task, cfg)  # data files (e.g. task=jsonl) are read before the run folder exists
+    if cfg.eval.at_end:  # a data task without test rows fails now, not after training
+        from dgtune.eval.__main__ import require_test_rows
+
+        require_test_rows(task, splits, cfg)
+    if cfg.resume and cfg.run_dir and not (Path(cfg.run_dir) / "checkpoints").is_dir():
+        raise CheckpointError(f"resume=true but {cfg.run_dir}/checkpoints has no complete checkpoint (no such folder)")
     run_dir = shared_run_dir(cfg, accelerator)
+    lock = acquire_lock(run_dir) if main else None
+    try:
+        return _train(cfg, accelerator, run_dir, task, splits)
+    finally:
+        release_lock(lock)
+
+
+def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
+    """The body of `train` once the run folder is chosen and locked."""
+    from tqdm import tqdm
+
+    tc = cfg.trainer
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # Model, task and data
     model, tokenizer = load_model(cfg.model)
-    task = build_task(cfg.task)
     model.config.canvas_length = task.canvas_length
-    splits = splits_for(task, cfg)
     train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     global_batch = tc.batch_size * world
     if world > 1 and len(train_items) < global_batch:
@@ -131,17 +158,30 @@ def train(cfg: DictConfig) -> dict:
         optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     )
     obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
-    loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id)
+    aux = None
+    if obj.aux_weight > 0:
+        if not hasattr(task, "aux_loss"):
+            raise ValueError(f"objective.aux_weight={obj.aux_weight}: task {task.name!r} has no auxiliary loss")
+        aux = (task, torch.tensor(task.aux_token_ids(tokenizer)))
+    fresh = bool(cfg.task.get("fresh", False))
+    if fresh and not hasattr(task, "fresh_rows"):
+        raise ValueError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
+    loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id, aux)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "wandb_id": None, "num_processes": world}
     if cfg.resume:  # every process loads the checkpoint
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint")
-        state.update(load_checkpoint(ckpt, inner, optimizer, scheduler), num_processes=world)
+        loaded = resume_state(run_dir, inner, optimizer, scheduler, accelerator.print)
+        ckpt = loaded.pop("checkpoint")
+        loaded.pop("skipped")
+        state.update(loaded, num_processes=world)
         accelerator.print(f"[dgtune] resumed from {ckpt} at step {state['step']}")
+        if main:
+            dropped = trim_metrics(run_dir, state["step"])
+            if dropped:
+                accelerator.print(f"[dgtune] metrics.jsonl: dropped {dropped} record(s) logged after step "
+                                  f"{state['step']} by the interrupted run")
     if main:
         OmegaConf.save(cfg, run_dir / "config.yaml")
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir.name,
@@ -158,6 +198,7 @@ def train(cfg: DictConfig) -> dict:
                disable=not (tc.progress_bar and main))
     rows = slice(rank * tc.batch_size, (rank + 1) * tc.batch_size) if world > 1 else None
     window_tokens, window_t0, loss = 0, time.perf_counter(), None
+    skips = 0  # consecutive steps skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)
     deadline = t_start + 60 * tc.max_minutes if tc.max_minutes else None
     while step < tc.max_steps:
         optimizer.zero_grad(set_to_none=True)
@@ -166,8 +207,12 @@ def train(cfg: DictConfig) -> dict:
             # The global batch and its noise are pure functions of (seed, micro-step), the same on every
             # process; each process computes the loss of its rows. Gradients are all-reduced at the last micro.
             micro_step = step * tc.grad_accum + micro
-            idx = batch_indices(len(train_items), global_batch, micro_step, cfg.seed)
-            batch = {k: v.to(accelerator.device) for k, v in collate_train([train_items[i] for i in idx], tokenizer.pad_token_id).items()}
+            if fresh:  # task.fresh: newly generated rows, a pure function of (seed, micro-step)
+                items = encode_rows(tokenizer, task.fresh_rows(global_batch, cfg.seed * 1_000_003 + micro_step),
+                                    task.canvas_length, task)
+            else:
+                items = [train_items[i] for i in batch_indices(len(train_items), global_batch, micro_step, cfg.seed)]
+            batch = {k: v.to(accelerator.device) for k, v in collate_train(items, tokenizer.pad_token_id).items()}
             gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + micro_step * 97)
             sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(loss_fn)
             with sync:
@@ -178,11 +223,17 @@ def train(cfg: DictConfig) -> dict:
                 logs[k] = logs.get(k, 0.0) + v.detach().float() / tc.grad_accum
             window_tokens += int(batch["attention_mask"].sum()) + batch["canvas"].numel()
         grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
-        optimizer.step()
+        logs = dict(zip(logs, accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()))  # over processes
+        if math.isfinite(logs["loss"]) and math.isfinite(float(grad_norm)):  # the same verdict on every process
+            optimizer.step()
+            skips = 0
+        else:
+            skips = nonfinite_step(cfg, step + 1, logs["loss"], float(grad_norm), skips)
+            optimizer.zero_grad(set_to_none=True)
+            logs["skipped_nonfinite"] = 1.0
         scheduler.step()
         step += 1
         state["tokens"] += window_tokens
-        logs = dict(zip(logs, accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()))  # over processes
         loss = logs["loss"]
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.max_steps:
@@ -195,7 +246,8 @@ def train(cfg: DictConfig) -> dict:
             window_tokens, window_t0 = 0, time.perf_counter()
         if cfg.eval.quick_every and step % cfg.eval.quick_every == 0 and step < tc.max_steps:
             if main:
-                tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg), step)
+                tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
+                                       step * global_batch * tc.grad_accum), step)
             accelerator.wait_for_everyone()
             loss_fn.train()
         out_of_time = deadline is not None and time.perf_counter() > deadline
@@ -212,9 +264,15 @@ def train(cfg: DictConfig) -> dict:
             break
     bar.close()
     state["elapsed_s"] = time.perf_counter() - t_start
+    if cfg.eval.quick_every and main and step % cfg.eval.quick_every:  # the learning curve's last point
+        tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
+                               step * global_batch * tc.grad_accum), step)
     summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}
     if main:
         save_weights(inner, tokenizer, run_dir / "final")
+        from dgtune.export import write_generation_config
+
+        write_generation_config(run_dir / "final", cfg, tokenizer, task.canvas_length)
         tracker.log({"train/minutes": summary["train_minutes"]}, step)
         if cfg.eval.at_end:
             from dgtune.eval.__main__ import run_report
@@ -223,16 +281,42 @@ def train(cfg: DictConfig) -> dict:
                                            meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step})
         tracker.finish()
     accelerator.wait_for_everyone()
-    accelerator.print(f"[dgtune] done: {run_dir} ({step} steps, {summary['train_minutes']:.1f} min)")
+    accelerator.print(f"[dgtune] done: {run_dir} ({step} steps, {summary['train_minutes']:.1f} min); weights: "
+                      f"{run_dir / 'final'}" + (f", report: {summary['report']}, plot: "
+                                                 f"{Path(summary['report']).with_name('accuracy_vs_steps.png')}"
+                                                 if summary.get("report") else ""))
     return summary
 
 
-def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:
-    """Solved rate and cell accuracy on the first `eval.quick_n` validation rows at `eval.quick_steps`."""
+def nonfinite_step(cfg: DictConfig, step: int, loss: float, grad_norm: float, skips: int) -> int:
+    """A step with a non-finite loss or gradient: raise NonFiniteError (`trainer.on_nonfinite=stop`, the
+    default), or skip it with a message and return the count of consecutive skips (`skip`, at most
+    `trainer.max_consecutive_skips` in a row). The optimizer has not stepped: the weights stay finite."""
+    tc = cfg.trainer
+    what = f"step {step}: loss={loss} grad_norm={grad_norm} is not finite"
+    if tc.get("on_nonfinite", "stop") != "skip":
+        raise NonFiniteError(f"{what}; stopped before the optimizer step, the saved checkpoints hold the last finite "
+                             f"weights (lower trainer.lr={tc.lr}, or skip such steps with trainer.on_nonfinite=skip)")
+    skips += 1
+    limit = tc.get("max_consecutive_skips", 10)
+    if skips > limit:
+        raise NonFiniteError(f"{what}; {skips} steps in a row skipped (trainer.max_consecutive_skips={limit}): "
+                             f"stopped, the saved checkpoints hold the last finite weights (lower trainer.lr={tc.lr})")
+    print(f"[dgtune] {what}: step skipped (trainer.on_nonfinite=skip)", file=sys.stderr)
+    return skips
+
+
+def quick_eval(model, tokenizer, task, val_rows, cfg, run_dir=None, step: int = 0, sequences: int = 0) -> dict:
+    """Solved rate and cell accuracy on the first `eval.quick_n` validation rows (of bucket `eval.quick_bucket`,
+    when set) at `eval.quick_steps`; with `run_dir`, also a point of the learning curve (`dgtune.eval.curve`)."""
     from dgtune.eval.__main__ import sampler_config
+    from dgtune.eval.curve import append_point, curve_point
     from dgtune.eval.runner import evaluate
 
-    rows = val_rows[: cfg.eval.quick_n]
+    bucket = cfg.eval.get("quick_bucket")
+    rows = [r for r in val_rows if not bucket or r.get("bucket") == bucket][: cfg.eval.quick_n]
+    if not rows:
+        raise ValueError(f"eval.quick_bucket={bucket!r}: no validation row has that bucket")
     records, _ = evaluate(model, tokenizer, task, rows, cfg.eval.quick_steps, sampler_config(cfg), cfg.eval.batch_size,
                           cfg.seed, "tuned")
     out = {}
@@ -241,6 +325,8 @@ def quick_eval(model, tokenizer, task, val_rows, cfg) -> dict:
         out[f"val/solved@{s}"] = sum(r["solved"] for r in rs) / len(rs)
         out[f"val/cell_acc@{s}"] = sum(r["cell_acc"] for r in rs) / len(rs)
     print("[dgtune] quick eval:", " ".join(f"{k}={v:.3f}" for k, v in out.items()))
+    if run_dir is not None:
+        append_point(run_dir, curve_point(step, sequences, records, list(cfg.eval.quick_steps)))
     return out
 
 
@@ -254,7 +340,8 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
-        train(cfg)
+        with cli_errors():
+            train(cfg)
 
     _run()
 

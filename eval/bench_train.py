@@ -13,7 +13,10 @@ right-padded batch of random token ids (prompt `--prompt` +- 4 tokens, canvas `-
   tests/test_objective.py checks against two `model.forward()` calls (the TRL-style reference).
 - chunked loss: `objective.loss_chunk=C` for each C in `--chunks` (the first is the one in the summary line).
 - chunked loss + checkpointing: also `trainer.gradient_checkpointing=true`.
-- 4-bit: the same in a 4-bit (bitsandbytes NF4) base, only with bitsandbytes and a CUDA GPU; else a skipped row.
+- 4-bit: chunked loss + checkpointing on the same weights re-loaded as `model.quantization=4bit` loads them
+  (`dgtune.models.quant`: NF4, double quant, bf16 compute, layer linears quantised, experts 16-bit), bf16
+  autocast; where bitsandbytes has a working 4-bit backend on `--device` (bitsandbytes 0.50.2 has one on CPU: checked here),
+  else a skipped row saying why.
 
 Each configuration runs in its own subprocess: one untimed warm-up step, then `--steps` timed steps (median).
 Memory: on CPU the peak RSS (`ru_maxrss`, with the kernel's high-water mark reset after loading where
@@ -80,15 +83,6 @@ def synthetic_batch(vocab_ids: int, b: int, prompt: int, canvas: int, seed: int 
     return {"input_ids": ids, "attention_mask": am, "prompt_len": plen, "canvas": canvas_ids}
 
 
-def load_4bit(model, tmp: Path):
-    """The same weights re-loaded with a 4-bit NF4 base (bitsandbytes, CUDA): save, then from_pretrained."""
-    from transformers import BitsAndBytesConfig, DiffusionGemmaForBlockDiffusion
-
-    model.save_pretrained(tmp, safe_serialization=True)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(tmp, quantization_config=q, device_map={"": 0})
-
-
 def worker(args) -> dict:
     """Run one configuration in this process; returns its figures."""
     from omegaconf import OmegaConf
@@ -102,11 +96,10 @@ def worker(args) -> dict:
     cuda = args.device == "cuda"
     module, fn = args.builder.split(":")
     model, tok = getattr(importlib.import_module(module), fn)()
-    if args.four_bit:
-        import tempfile
+    if args.four_bit:  # same weights re-loaded with dgtune's 4-bit base (model.quantization=4bit)
+        from dgtune.models.quant import quantised_copy
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model = load_4bit(model, Path(tmp))
+        model = quantised_copy(model, "4bit")
     elif cuda:
         model = model.cuda()
     lora = OmegaConf.load(ROOT / "configs/lora/default.yaml")
@@ -195,13 +188,10 @@ def main() -> None:
     rows = [("plain (full logits, no checkpointing)", run_row(args, 0, False))]
     rows += [(f"chunked loss (loss_chunk={c})", run_row(args, c, False)) for c in chunks]
     rows.append((f"chunked loss + checkpointing (loss_chunk={chunks[0]})", run_row(args, chunks[0], True)))
-    try:
-        import bitsandbytes  # noqa: F401
+    from dgtune.models.quant import QUANT_MODES, backend_problem
 
-        four_bit = torch.cuda.is_available() and args.device == "cuda"
-        why = "needs --device cuda and a CUDA GPU"
-    except ImportError:
-        four_bit, why = False, "bitsandbytes is not installed"
+    why = backend_problem(QUANT_MODES["4bit"], args.device)
+    four_bit = why is None
     if four_bit:
         rows.append((f"4-bit + chunked loss + checkpointing (loss_chunk={chunks[0]})",
                      run_row(args, chunks[0], True, four_bit=True)))

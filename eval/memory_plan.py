@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 
 from dgtune.memory import (  # noqa: E402
     MIB, TextShape, TrainSettings, four_bit_weight_bytes, linear_parameters, parameter_counts, predict_memory,
+    quantised_parameters,
 )
 
 MEASURED_SIZES = dict(hidden_size=256, head_dim=32, global_head_dim=64, intermediate_size=192,
@@ -92,7 +93,8 @@ def plan() -> None:
           f"{100 * counts['experts'] / n:.0f}%, embedding/LM head {counts['embedding'] / 1e9:.2f} B, nn.Linear "
           f"{lin / 1e9:.2f} B = {100 * lin / n:.0f}%); bf16 weights {n * 2 / GIB:.1f} GiB")
     q_all, q_default = four_bit_weight_bytes(REAL_26B, True), four_bit_weight_bytes(REAL_26B, False)
-    print(f"[26B] 4-bit (NF4 on nn.Linear only): {q_all / GIB:.1f} GiB with the layer linears quantised; "
+    print(f"[26B] 4-bit (NF4 on nn.Linear only): {q_all / GIB:.1f} GiB as model.quantization=4bit loads it (layer "
+          f"linears quantised, {quantised_parameters(REAL_26B) / 1e9:.2f} B params; router and LM head skipped); "
           f"{q_default / GIB:.1f} GiB with transformers' default skip list (every tied key skipped)")
     cards = [("1x H100 80GB bf16", 80, 1, None), ("1x 24GB 4-bit", 24, 1, q_all),
              ("8x H100 FSDP/ZeRO-3", 80, 8, None)]

@@ -100,7 +100,8 @@ def test_fused_encoder_refuses_sliding_layers(mixed_layers):
         fused.encode_prompt(torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_fast_sampler_same_tokens_through_both_decoders(tiny):
+@pytest.mark.parametrize("canvases", [1, 3])  # 3: answers over several canvases (the prompt cache then grows)
+def test_fast_sampler_same_tokens_through_both_decoders(tiny, canvases):
     model, tok = tiny
     model = _lora_model(model, seed=1)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_fast_sampler_same_tokens_through_both_decoders(tiny):
         seeds = torch.arange(16) * 11 + 5
         outs = {}
         for dec in ("transformers", "fused"):
-            cfg = SamplerConfig(mode="fast", max_steps=8, decoder=dec, decoder_dtype="float32")
+            cfg = SamplerConfig(mode="fast", max_steps=8, decoder=dec, decoder_dtype="float32", max_canvases=canvases)
             outs[dec] = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, row_seeds=seeds)
     finally:
         with torch.no_grad():
@@ -118,6 +119,8 @@ def test_fast_sampler_same_tokens_through_both_decoders(tiny):
     assert torch.equal(outs["fused"].tokens, outs["transformers"].tokens)
     assert torch.equal(outs["fused"].nfe, outs["transformers"].nfe)
     assert outs["fused"].nfe.min() < outs["fused"].nfe.max()  # rows stopped at different steps (retired rows)
+    if canvases > 1:  # some rows did go on to a later canvas
+        assert outs["fused"].tokens.shape[1] > model.config.canvas_length
 
 
 def test_unsupported_model_falls_back(tiny):

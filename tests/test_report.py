@@ -124,3 +124,25 @@ def test_base_rows_of_a_mean_loo_run_are_sampled_as_a_denoiser(tiny, tmp_path, m
     task = build_task(cfg.task)
     ev.run_report(model, tok, task, {"test": []}, cfg, tmp_path, base_model=model)
     assert seen == {"tuned": "mean_loo", "base": "denoiser"}
+
+
+def test_a_multi_task_report_has_tables_and_curves_per_task(tmp_path):
+    """Records of a mixture: rows for all tasks together and for each task (with its buckets), a section per task
+    in report.md, a row of panels per task in the plot."""
+    recs = []
+    for task, sols in (("sort", [1, 1, 0, 1]), ("add", [0, 0, 1, 0])):
+        for i, s in enumerate(sols):
+            recs.append({**_rec("tuned", 4, "easy" if i < 2 else "hard", float(s), 0.5, 4.0), "task": task})
+    rows = aggregate(recs, {})
+    by = {(r["task"], r["bucket"]): r for r in rows}
+    assert set(by) == {(t, b) for t in ("all", "sort", "add") for b in ("all", "easy", "hard")}
+    assert by[("all", "all")]["n"] == 8 and by[("all", "all")]["solved"] == pytest.approx(0.5)
+    assert by[("sort", "all")]["solved"] == pytest.approx(0.75) and by[("add", "hard")]["solved"] == pytest.approx(0.5)
+    assert [r["task"] for r in rows][:3] == ["all"] * 3  # "all" first
+    assert "| task |" in format_table(rows) and "| add |" in format_table(rows)
+    paths = write_report(tmp_path, rows, {"task": "mixture"})
+    md = paths["md"].read_text()
+    assert md.index("## Task: all") < md.index("## Task: add") < md.index("## Task: sort")
+    assert md.count("### Bucket: hard") == 3
+    single = aggregate([{**r, "task": "sort"} for r in recs], {})  # one task: no per-task rows, as before
+    assert {r["task"] for r in single} == {"all"} and len(single) == 3

@@ -24,28 +24,71 @@ from dgtune.diffusion.objective import (
     loo_to_denoiser_logits,
     masked_canvas_loss,
     sample_noise_level,
+    softcap,
 )
+
+
+def task_aux_loss(model, hidden: torch.Tensor, task, token_ids: torch.Tensor, clean: torch.Tensor,
+                  keep: torch.Tensor | None) -> torch.Tensor:
+    """The task's auxiliary loss on the graded pass: the decoder's distribution over the task's tokens
+    (`task.aux_token_ids`, renormalised over them; only those k rows of the LM head are used, so no [b, l, v]
+    logits), handed to `task.aux_loss(probs [b, l, k], clean [b, l], keep [b, l] | None, token_ids [k])`."""
+    weight, cap = lm_head_weight(model)
+    ids = token_ids.to(hidden.device)
+    logits = softcap(hidden @ weight[ids].to(hidden.dtype).T, cap)  # [b, l, k]
+    return task.aux_loss(logits.softmax(-1), clean, keep, ids)
+
+
+def pick_blocks(
+    canvas: torch.Tensor, keep: torch.Tensor | None, prompt_len: torch.Tensor, block_count: torch.Tensor | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One block (canvas) per row of answers that span several: k = floor(u * block_count), u ~ U(0, 1) drawn from
+    `generator` (uniform over the blocks the answer + EOS covers, as Google's reference and unsloth's trainer do).
+
+    canvas, keep: [b, n l] (keep optional); prompt_len, block_count: [b]. Returns (canvas block [b, l], keep block
+    [b, l] or None, context length prompt_len + k l [b]: the decoder sees the prompt and the k clean earlier blocks,
+    and block k's positions start there). Without block_count, or when every row fits one canvas, nothing is drawn
+    and (canvas, keep, prompt_len) come back as they are."""
+    if block_count is None or int(block_count.max()) <= 1:
+        return canvas, keep, prompt_len
+    b, width = canvas.shape
+    n = int(block_count.max())
+    if width % n:
+        raise ValueError(f"canvas width {width} is not a multiple of the {n} blocks of the longest answer")
+    l = width // n
+    u = torch.rand(b, generator=generator, device=canvas.device)  # [b]
+    k = torch.minimum((u * block_count).long(), block_count - 1)  # [b]
+    cols = k[:, None] * l + torch.arange(l, device=canvas.device)[None, :]  # [b, l]
+    return canvas.gather(1, cols), None if keep is None else keep.gather(1, cols), prompt_len + k * l
 
 
 def denoising_loss(
     model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None,
-    rows: slice | None = None,
+    rows: slice | None = None, aux: tuple | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch (with `prediction="mean_loo"` the self-conditioning pass's output is converted to the
-    denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
+    denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: (answers of
+    several canvases only) the block u [b], t [b], corruption [b, l] (+ random tokens), self-cond gate [b],
     then with `sc_noise_gap` > 0 the self-conditioning canvas' extra corruption [b, l] (+ random tokens).
 
     batch: input_ids [b, s] (prompt + response + EOS, right-padded), attention_mask [b, s], prompt_len [b],
     canvas [b, l] (clean response, EOS-filled), optional canvas_keep [b, l] (template positions, never corrupted).
+    Answers longer than one canvas: canvas [b, n l] and canvas_keep [b, n l] hold n blocks and block_count [b] says
+    how many of them each row's answer (+ EOS) covers; one block k is picked per row (`pick_blocks`) and the decoder
+    denoises it seeing the cache up to its start (prompt + the k clean earlier blocks), positions continuing there.
     rows: this process' slice of a global batch: every draw is made for the whole batch, then sliced, so N processes
     see exactly the draws of one process with the whole batch.
+    aux: (task, token ids [k]) with `cfg.aux_weight` > 0: add `cfg.aux_weight` x `task_aux_loss` (no random draws).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     clean, prompt_len = batch["canvas"], batch["prompt_len"]
     keep = batch.get("canvas_keep")
     b, s = input_ids.shape
-    l = clean.shape[1]
     device = input_ids.device
+    # ctx_len [b]: what the decoder sees of the cache (the prompt, and with several blocks the clean earlier ones)
+    clean, keep, ctx_len = pick_blocks(clean, keep, prompt_len, batch.get("block_count"), generator)
+    l = clean.shape[1]
 
     if cfg.prediction not in ("denoiser", "mean_loo") or (cfg.prediction == "mean_loo" and cfg.kind != "uniform"):
         raise ValueError(f"objective.prediction={cfg.prediction!r} with kind={cfg.kind!r}: expected 'denoiser', or "
@@ -77,18 +120,18 @@ def denoising_loss(
     # of the cache, and its canvas positions continue right after the prompt. Without the co-loss the response
     # is not needed in the cache at all (the encoder is causal), so only the prompts are encoded.
     if cfg.ar_weight == 0:
-        s = int(prompt_len.max())
+        s = int(ctx_len.max())
         input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
     if rows is not None:  # this process' rows of the global batch (draws above were made for all of them)
-        input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc = (
+        input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc = (
             None if x is None else x[rows]
-            for x in (input_ids, attention_mask, clean, prompt_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc)
+            for x in (input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc)
         )
         b = input_ids.shape[0]
     # With sliding-window layers the decoder's cache and masks are cut per row to what sampling sees.
     cache, enc_hidden = encode(model, input_ids, attention_mask, cache=training_cache(model))
-    cache, dec_mask = decoder_context(model, cache, prompt_len, l)  # mask [b, s + l] or {layer type: 4D}
-    dec_pos = prompt_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
+    cache, dec_mask = decoder_context(model, cache, ctx_len, l)  # mask [b, s + l] or {layer type: 4D}
+    dec_pos = ctx_len[:, None] + torch.arange(l, device=device)[None, :]  # [b, l]
 
     # objective.loss_chunk > 0: no [b, l, v] logits; losses and the self-conditioning input come from hidden states
     chunk = cfg.loss_chunk
@@ -132,10 +175,16 @@ def denoising_loss(
             diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
         ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
-    out = {"loss": loss, "diffusion_loss": diff.detach()}
+    out = {"diffusion_loss": diff.detach()}
     if ar is not None:
         out["ar_loss"] = ar.detach()
-    return out
+    if cfg.aux_weight > 0:
+        if aux is None:
+            raise ValueError("objective.aux_weight > 0 needs a task with an auxiliary loss (aux_token_ids, aux_loss)")
+        aux_l = task_aux_loss(model, hidden, aux[0], aux[1], clean, keep)
+        loss = loss + cfg.aux_weight * aux_l
+        out["aux_loss"] = aux_l.detach()
+    return {"loss": loss, **out}
 
 
 class DenoisingLoss(torch.nn.Module):
@@ -146,13 +195,14 @@ class DenoisingLoss(torch.nn.Module):
     encoder and decoder of a wrapped model directly would bypass them. Sampling, eval and checkpoints use `.model`.
     """
 
-    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None):
+    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None, aux: tuple | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
+        self.aux = aux  # (task, token ids [k]) for objective.aux_weight > 0
 
     def forward(self, batch: dict, generator: torch.Generator, rows: slice | None = None) -> dict[str, torch.Tensor]:
         """The loss dict of `denoising_loss` for `rows` of the (global) batch."""
-        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows)
+        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows, self.aux)

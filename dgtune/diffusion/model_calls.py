@@ -7,6 +7,8 @@ decode twice (self-conditioning) and the sampler can encode once and decode ever
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 import torch
 
@@ -28,13 +30,20 @@ def unwrap(model):
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def cache_arg(module_type: type) -> str:
+    """The name of the KV-cache argument of `module_type.forward`: transformers renamed `past_key_values` to `cache`
+    after 5.17 (dgtune supports both ends; eval/test_low_pins.sh tests 5.17)."""
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
+
+
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, position_ids=None):
     """Run the causal encoder on input_ids [b, s]; returns (cache, last_hidden_state [b, s, d])."""
     core = unwrap(model)
-    out = core.model.encoder(
-        input_ids=input_ids, attention_mask=attention_mask, cache=cache, position_ids=position_ids, use_cache=True
-    )
-    return out.cache, out.last_hidden_state
+    enc = core.model.encoder
+    out = enc(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+              **{cache_arg(type(enc)): cache})
+    return getattr(out, cache_arg(type(enc))), out.last_hidden_state
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -94,7 +103,7 @@ def decode_hidden(
     try:
         out = core.model.decoder(
             decoder_input_ids=canvas,
-            cache=cache,
+            **{cache_arg(type(core.model.decoder)): cache},
             self_conditioning_logits=self_conditioning_logits,
             self_conditioning_mask=self_conditioning_mask,
             decoder_attention_mask=decoder_attention_mask,

@@ -44,6 +44,9 @@ class ObjectiveConfig:
     # memory, not maths: > 0 computes the cross-entropies from hidden states and the LM-head weight this many tokens
     # at a time (`dgtune.diffusion.chunked`, no [b, l, v] float32 logits); 0 = full logits (same values, gradients)
     loss_chunk: int = 0
+    # > 0: add this weight times the task's auxiliary loss on the canvas distribution (e.g. Sudoku's unit
+    # constraint, `SudokuTask.aux_loss`); the task must define `aux_token_ids` and `aux_loss`
+    aux_weight: float = 0.0
 
 
 def sample_noise_level(

@@ -4,12 +4,14 @@ Loads the run's config (`RUN_DIR/config.yaml`), applies the overrides (e.g. `tas
 `eval.steps=[1,4,12]`, `sampler=topk_confidence` to use configs/sampler/topk_confidence.yaml,
 `sampler.mode=reference`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
 test rows at every step count with the shared sampler (fast mode unless the config says otherwise), and writes
-`report.json`, `report.md` and `accuracy_vs_steps.png` into RUN_DIR (or `eval.out_dir`).
+`report.json`, `report.md` and `accuracy_vs_steps.png` into a new folder `RUN_DIR/eval-<time>/` (or `eval.out_dir`),
+never over an existing report unless `eval.overwrite=true` (which, without `eval.out_dir`, writes into RUN_DIR).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +46,12 @@ def test_rows(task, splits, cfg) -> list[dict]:
     return splits["test"]
 
 
+def require_test_rows(task, splits, cfg) -> None:
+    """Stop before any work when there is nothing to evaluate (a data task without a test file)."""
+    if not cfg.task.get("test_file") and not splits["test"]:
+        raise ValueError(f"task {task.name}: no test rows to evaluate (set task.files.test or task.test_file)")
+
+
 def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=None, base_model=None) -> str:
     """Evaluate tuned (and base) over `eval.steps`, write the report files, print the table; returns report.json."""
     rows = test_rows(task, splits, cfg)
@@ -52,7 +60,9 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     scfg = sampler_config(cfg)
     name = cfg.sampler.get("name", scfg.strategy)
     steps = list(cfg.eval.steps)
-    records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name)
+    bars = bool(cfg.get("trainer", {}).get("progress_bar", True))
+    records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name,
+                                progress=bars)
     if cfg.eval.compare_base:
         if base_model is not None:
             ctx, base = nullcontext(), base_model
@@ -66,11 +76,12 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
             ctx = nullcontext()
         base_cfg = replace(scfg, prediction="denoiser")  # the base is a denoiser, whatever the adapter learned
         with ctx:
-            r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name)
+            r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name,
+                              progress=bars)
         records, timings = r2 + records, {**t2, **timings}
     if cfg.eval.get("guided"):  # verifier-guided renoising: its own curve, never mixed into the plain one
         r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",
-                          f"{name}+verifier", guided=True)
+                          f"{name}+verifier", guided=True, progress=bars)
         records, timings = records + r3, {**timings, **t3}
     table_rows = aggregate(records, timings)
     out_dir = Path(cfg.eval.get("out_dir") or run_dir)
@@ -79,7 +90,7 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
             "model": cfg.model.get("name_or_path") or cfg.model.source, **(meta or {})}
     paths = write_report(out_dir, table_rows, meta)
     print(format_table(table_rows))
-    print(f"[dgtune] report: {paths['md']}")
+    print(f"[dgtune] report: {paths['md']} (table), {paths['json']}, plot: {paths['png']}")
     if tracker is not None:
         tracker.log_report(paths, table_rows)
     return str(paths["json"])
@@ -121,7 +132,11 @@ def load_group(group: str, name: str) -> DictConfig:
 def _known_key(cfg: DictConfig, key: str) -> bool:
     if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
         return True
-    group, _, field = key.partition(".")  # sampler settings added after a run was saved
+    group, _, field = key.partition(".")  # sampler and eval settings added after a run was saved
+    if group == "eval":
+        from dgtune.config import config_dir
+
+        return field in OmegaConf.load(config_dir() / "eval" / "default.yaml")
     return group == "sampler" and field in SamplerConfig.__dataclass_fields__
 
 
@@ -146,9 +161,41 @@ def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in plain]))
 
 
+def eval_out_dir(run_dir: Path, cfg: DictConfig) -> Path:
+    """Where `dgtune.eval` writes: `eval.out_dir`, else RUN_DIR with `eval.overwrite=true`, else a new
+    `RUN_DIR/eval-<time>`; InputError when that folder already has a report and `eval.overwrite` is not set."""
+    from dgtune.validate import InputError
+
+    overwrite = bool(cfg.eval.get("overwrite", False))
+    if cfg.eval.get("out_dir"):
+        out = Path(cfg.eval.out_dir)
+    elif overwrite:
+        out = run_dir
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out, k = run_dir / f"eval-{stamp}", 1
+        while out.exists():
+            k += 1
+            out = run_dir / f"eval-{stamp}-{k}"
+    if (out / "report.json").exists() and not overwrite:
+        raise InputError(f"{out / 'report.json'} exists: pass eval.overwrite=true to replace it, or another "
+                         "eval.out_dir")
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
-    """CLI entry point."""
+    """CLI entry point (dgtune's own errors print one line and exit 2)."""
+    from dgtune.validate import cli_errors
+
+    with cli_errors():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> str:
     import torch
+
+    from dgtune.validate import quiet_third_party
+    from dgtune.validate import check_config
 
     from dgtune.data import splits_for
     from dgtune.tasks import build_task
@@ -161,8 +208,14 @@ def main(argv: list[str] | None = None) -> str:
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a dgtune run folder (no config.yaml)")
     cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[1:])
+    check_config(cfg, sections=("eval", "task", "sampler"))
+    quiet_third_party()
+    out_dir = eval_out_dir(run_dir, cfg)
+    cfg.eval.out_dir = str(out_dir)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task)
+    if cfg.task.get("test_file"):
+        test_rows(task, None, cfg)  # a bad test file fails before the models are loaded
     tuned, tokenizer, base = load_run(run_dir, cfg)
     for m in (tuned, base):
         if m is not None:
@@ -170,7 +223,8 @@ def main(argv: list[str] | None = None) -> str:
     splits = None
     if not cfg.task.get("test_file"):
         splits = splits_for(task, cfg)
-    return run_report(tuned, tokenizer, task, splits, cfg, run_dir, None, base_model=base)
+        require_test_rows(task, splits, cfg)
+    return run_report(tuned, tokenizer, task, splits, cfg, out_dir, None, base_model=base)
 
 
 if __name__ == "__main__":

@@ -41,37 +41,47 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _tasks(rows: list[dict]) -> list[str]:
+    """The tasks of report rows, "all" first (rows without a task count as "all")."""
+    return sorted({r.get("task", "all") for r in rows}, key=lambda t: (t != "all", t))
+
+
 def aggregate(records: list[dict], timings: dict[tuple[str, str, int], dict]) -> list[dict]:
-    """One row per (model, sampler, bucket, steps), bucket "all" plus each bucket present; sorted, with plateau."""
+    """One row per (model, sampler, task, bucket, steps), bucket "all" plus each bucket present; task "all" plus,
+    when the records come from several tasks (a mixture), each task; sorted, with plateau."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    several = len({r.get("task") for r in records}) > 1
     for r in records:
         key = (r["model"], r["sampler"], int(r["steps"]))
-        groups[(*key, "all")].append(r)
-        if r.get("bucket") is not None:
-            groups[(*key, r["bucket"])].append(r)
+        for task in ("all", r.get("task")) if several else ("all",):
+            groups[(*key, task, "all")].append(r)
+            if r.get("bucket") is not None:
+                groups[(*key, task, r["bucket"])].append(r)
     rows = []
-    for (model, sampler, steps, bucket), recs in groups.items():
+    for (model, sampler, steps, task, bucket), recs in groups.items():
         solved = [float(r["solved"]) for r in recs]
         lo, hi = proportion_ci(int(round(sum(solved))), len(solved))
         t = timings.get((model, sampler, steps)) or {}
         seconds = float(t.get("seconds") or 0.0)
         tps = float(t.get("tokens", 0)) / seconds if seconds > 0 else 0.0
-        row = {"model": model, "sampler": sampler, "bucket": bucket, "steps": steps, "n": len(recs),
+        row = {"model": model, "sampler": sampler, "task": task, "bucket": bucket, "steps": steps, "n": len(recs),
                "solved": _mean(solved), "solved_lo": lo, "solved_hi": hi}
         for k in _MEAN_KEYS:
             row[k] = _mean([float(r.get(k, math.nan)) for r in recs])
         row["mean_nfe"] = _mean([float(r.get("nfe", math.nan)) for r in recs])
         row["tokens_per_s"] = tps
         rows.append(row)
-    rows.sort(key=lambda r: (str(r["model"]), str(r["sampler"]), _bucket_rank(r["bucket"]), r["steps"]))
+    rows.sort(key=lambda r: (str(r["model"]), str(r["sampler"]), r["task"] != "all", r["task"],
+                             _bucket_rank(r["bucket"]), r["steps"]))
     return add_steps_to_plateau(rows)
 
 
 def add_steps_to_plateau(rows: list[dict]) -> list[dict]:
-    """Set `steps_to_plateau` per (model, sampler, bucket): fewest steps with solved >= 0.95 * max (None if max is 0)."""
+    """Set `steps_to_plateau` per (model, sampler, task, bucket): fewest steps with solved >= 0.95 * max (None if
+    max is 0)."""
     series: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        series[(r["model"], r["sampler"], r["bucket"])].append(r)
+        series[(r["model"], r["sampler"], r.get("task", "all"), r["bucket"])].append(r)
     for rs in series.values():
         vals = [r["solved"] for r in rs if r["solved"] is not None and not math.isnan(r["solved"])]
         best = max(vals, default=0.0)
@@ -90,19 +100,24 @@ def _fmt(x, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
-def format_table(rows: list[dict], bucket: str | None = None) -> str:
-    """Markdown table of `rows` (only those of `bucket` when given)."""
+def format_table(rows: list[dict], bucket: str | None = None, task: str | None = None) -> str:
+    """Markdown table of `rows` (only those of `bucket` / `task` when given)."""
     header = ["model", "sampler", "bucket", "steps", "n", "solved [lo, hi]", "exact", "cell_acc",
               "parse_fail", "mean_nfe", "tokens/s", "steps_to_plateau"]
+    with_task = task is None and len(_tasks(rows)) > 1  # several tasks in one table: say which
+    if with_task:
+        header.insert(2, "task")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        if bucket is not None and r["bucket"] != bucket:
+        if (bucket is not None and r["bucket"] != bucket) or (task is not None and r.get("task", "all") != task):
             continue
         solved = f"{_fmt(r['solved'])} [{_fmt(r['solved_lo'], 2)}, {_fmt(r['solved_hi'], 2)}]"
         plateau = r.get("steps_to_plateau")
         cells = [r["model"], r["sampler"], r["bucket"], r["steps"], r["n"], solved, _fmt(r["exact"]),
                  _fmt(r["cell_acc"]), _fmt(r["parse_fail"]), _fmt(r["mean_nfe"], 1), _fmt(r["tokens_per_s"], 1),
                  "-" if plateau is None else plateau]
+        if with_task:
+            cells.insert(2, r.get("task", "all"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -112,21 +127,31 @@ def _buckets(rows: list[dict]) -> list[str]:
 
 
 def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
-    """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket; save PNG to `path`."""
+    """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket (one row of subplots per
+    task when the rows hold several); save PNG to `path`."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO lines on normal runs
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    buckets = _buckets(rows) or ["all"]
-    fig, axes = plt.subplots(1, len(buckets), figsize=(5 * len(buckets), 4), squeeze=False)
+    tasks = _tasks(rows) or ["all"]
+    panels = [(t, b) for t in tasks for b in _buckets([r for r in rows if r.get("task", "all") == t])] or [("all", "all")]
+    cols = max(sum(p[0] == t for p in panels) for t in tasks)
+    fig, axes = plt.subplots(len(tasks), cols, figsize=(5 * cols, 4 * len(tasks)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     series_keys = sorted({(r["model"], r["sampler"]) for r in rows})
     colors = {k: f"C{i % 10}" for i, k in enumerate(series_keys)}
     all_steps = sorted({r["steps"] for r in rows})
-    for ax, bucket in zip(axes[0], buckets):
+    for (task, bucket) in panels:
+        ax = axes[tasks.index(task)][[p for p in panels if p[0] == task].index((task, bucket))]
+        ax.set_visible(True)
         for key in series_keys:
-            rs = sorted((r for r in rows if r["bucket"] == bucket and (r["model"], r["sampler"]) == key),
-                        key=lambda r: r["steps"])
+            rs = sorted((r for r in rows if r["bucket"] == bucket and r.get("task", "all") == task
+                         and (r["model"], r["sampler"]) == key), key=lambda r: r["steps"])
             if not rs:
                 continue
             xs = [r["steps"] for r in rs]
@@ -143,7 +168,7 @@ def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("denoising steps")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"bucket: {bucket}")
+        ax.set_title(f"bucket: {bucket}" if len(tasks) == 1 else f"task: {task}, bucket: {bucket}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Accuracy vs denoising steps")
@@ -170,6 +195,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -188,8 +216,13 @@ def write_report(run_dir, rows: list[dict], meta: dict) -> dict[str, Path]:
 
     md = ["# dgtune report: accuracy vs denoising steps", ""]
     md += [f"- **{k}**: {v}" for k, v in meta.items()]
-    for bucket in _buckets(rows):
-        md += ["", f"## Bucket: {bucket}", "", format_table(rows, bucket)]
+    tasks = _tasks(rows)
+    for task in tasks:  # one section per task when the run covers several (a mixture), "all" first
+        task_rows = [r for r in rows if r.get("task", "all") == task]
+        if len(tasks) > 1:
+            md += ["", f"## Task: {task}"]
+        for bucket in _buckets(task_rows):
+            md += ["", f"{'###' if len(tasks) > 1 else '##'} Bucket: {bucket}", "", format_table(task_rows, bucket)]
     md += ["", f"![accuracy vs steps]({paths['png'].name})", ""]
     _atomic_write(paths["md"], lambda f: f.write("\n".join(md).encode()))
 

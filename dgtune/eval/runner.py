@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from dgtune.data import prompt_ids
+from dgtune.data import prompt_ids, row_prompt
 from dgtune.sampling.sampler import SamplerConfig, sample
 
 
@@ -15,7 +15,7 @@ def group_by_prompt_length(tokenizer, rows: list[dict]) -> list[tuple[list[int],
     """[(row indices, prompt ids [n, p])] with equal-length prompts in each group (no padding needed)."""
     groups = defaultdict(list)
     for i, row in enumerate(rows):
-        ids = prompt_ids(tokenizer, row["prompt"])
+        ids = prompt_ids(tokenizer, row_prompt(row))
         groups[len(ids)].append((i, ids))
     return [([i for i, _ in g], torch.tensor([ids for _, ids in g])) for _, g in sorted(groups.items())]
 
@@ -43,13 +43,17 @@ def warm_up_compiled(model, groups, cfg: SamplerConfig, batch_size: int, eos: in
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
-             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False):
+             seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False,
+             progress: bool = False):
     """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
     are clamped; with `guided`, the task's rule checker vetoes accepted tokens that break a hard constraint.
 
     Returns (records, timings): one record per (steps, row) with the row index, output text, grade, bucket and NFE; timings map
     (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
+    `progress` shows a progress bar over the sweep (batches x step counts) on stderr.
     """
+    from tqdm import tqdm
+
     model.eval()
     device = device or next(model.parameters()).device
     groups = group_by_prompt_length(tokenizer, rows)
@@ -59,9 +63,15 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     guide = task.make_guide(tokenizer) if guided else None
     if sampler_cfg.noise == "mask" and sampler_cfg.mask_token_id is None:
         sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "mask_token_id": tokenizer.mask_token_id})
+    if getattr(task, "max_canvases", 1) > sampler_cfg.max_canvases:  # answers that span several canvases
+        sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_canvases": int(task.max_canvases)})
     if sampler_cfg.compile:
         warm_up_compiled(model, groups, sampler_cfg, batch_size, eos, pad, task.canvas_length, templates, device)
+    n_batches = sum(-(-len(idx) // batch_size) for idx, _ in groups)
+    bar = tqdm(total=n_batches * len(steps_list), desc=f"eval {model_name} ({sampler_name})", unit="batch",
+               disable=not progress, dynamic_ncols=True)
     for steps in steps_list:
+        bar.set_postfix(steps=int(steps))
         cfg = SamplerConfig(**{**sampler_cfg.__dict__, "max_steps": int(steps)})
         n_tokens, seconds = 0, 0.0
         for gi, (idx, prompts) in enumerate(groups):
@@ -75,12 +85,15 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds,
                              template=template, guide=guide)
                 seconds += time.perf_counter() - t0
+                bar.update(1)
                 n_tokens += int((res.tokens != pad).sum())
                 texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)
                 for j, (i, text) in enumerate(zip(chunk, texts)):
                     grade = task.grade(rows[i], text)
                     records.append({"model": model_name, "sampler": sampler_name, "steps": int(steps), "row": int(i),
-                                    "bucket": rows[i].get("bucket") or None, "nfe": float(res.nfe[j]),
+                                    "task": rows[i].get("task"), "bucket": rows[i].get("bucket") or None,
+                                    "nfe": float(res.nfe[j]),
                                     "output": text, **grade})
         timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
+    bar.close()
     return records, timings

@@ -32,10 +32,12 @@ def _cache_as(cache, layers_before: list):
         cache.layers = live
 
 
-def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, cache=None, **kwargs):
-    """An encoder layer's forward under checkpointing (training with gradients only); see the module docstring."""
+def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, **kwargs):
+    """An encoder layer's forward under checkpointing (training with gradients only); see the module docstring.
+    The cache comes as `cache=` (transformers > 5.17) or `past_key_values=` (5.17)."""
     if not (layer.training and torch.is_grad_enabled()):
-        return forward(hidden_states, *args, cache=cache, **kwargs)
+        return forward(hidden_states, *args, **kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
     before = [copy.copy(entry) for entry in cache.layers]  # layers' tensors are replaced on update, not mutated
@@ -43,14 +45,17 @@ def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, cache=No
     def contexts():
         return nullcontext(), _cache_as(cache, before)
 
-    return checkpoint(forward, hidden_states, *args, cache=cache, use_reentrant=False, context_fn=contexts, **kwargs)
+    return checkpoint(forward, hidden_states, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def enable_gradient_checkpointing(model) -> None:
     """Checkpoint every encoder and decoder layer of a (peft-wrapped or plain) DiffusionGemma, non-reentrant: each
     layer keeps only its input and recomputes its activations in backward. Takes effect in `model.train()` mode."""
     core = unwrap(model)
-    core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # decoder layers
+    if hasattr(core, "activation_checkpointing_enable"):  # decoder layers
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 5.17's name
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in core.model.encoder.language_model.layers:
         if getattr(layer, "_dgtune_checkpointed", False):
             continue

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from dgtune.models.quant import bnb_config, default_device_map, quantised_copy
+from dgtune.models.unsloth_backend import check_backend, load_with_unsloth
+
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,25 +45,60 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelNotAvailableError(
             f"cannot load {name_or_path!r}: it is not in the local Hugging Face cache and the Hub is unreachable "
             "(offline, or HF_HUB_OFFLINE=1). Download it where the Hub is reachable "
-            f"(`huggingface-cli download {name_or_path}`) and copy the cache, or pass model.name_or_path=/local/folder."
+            f"(`hf download {name_or_path}`) and copy the cache, or pass model.name_or_path=/local/folder."
         )
     return name_or_path
 
 
+def check_model_files(cfg) -> None:
+    """Fail at once, naming the file, when a local model folder (the bundled base, or model.name_or_path) lacks
+    config.json or holds a safetensors file whose header cannot be read (truncated, corrupted)."""
+    from safetensors import safe_open
+
+    from dgtune.validate import InputError
+
+    if cfg.source == "bundled":
+        folder = BUNDLED_DIR
+    elif cfg.source == "pretrained":
+        path = resolve_model_path(cfg.name_or_path)
+        if not Path(path).is_dir():
+            return  # a Hub id in the local cache: read by from_pretrained
+        folder = Path(path)
+    else:
+        return
+    if not (folder / "config.json").exists():
+        raise InputError(f"model folder {folder} has no config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"model folder {folder} has no *.safetensors weights (dgtune loads safetensors only)")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError: truncated or corrupted header
+            raise InputError(f"model weights {f} cannot be read ({e}); restore or re-download the file") from None
+
+
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
-    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer)."""
+    """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer).
+
+    `model.quantization` (null | 4bit | 8bit) loads the base through bitsandbytes (`dgtune.models.quant`);
+    `model.backend=unsloth` loads it through unsloth's loader (`dgtune.models.unsloth_backend`, CUDA only)."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if cfg.source == "scratch":
-        from dgtune.models.tiny import build_tiny_model
-
-        return build_tiny_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
-    if cfg.source == "shaped":
-        from dgtune.models.shaped import build_shaped_model
-
-        return build_shaped_model(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+    backend = check_backend(cfg)  # fails at once where model.backend cannot run
+    quantization = None if backend == "unsloth" else bnb_config(cfg.get("quantization"))  # same for bitsandbytes
+    if cfg.source in ("scratch", "shaped"):
+        if cfg.source == "scratch":
+            from dgtune.models.tiny import build_tiny_model as build
+        else:
+            from dgtune.models.shaped import build_shaped_model as build
+        model, tokenizer = build(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
+        if quantization is not None:
+            model = quantised_copy(model, cfg.quantization, dtype=DTYPES[cfg.get("dtype", "float32")])
+        return model, tokenizer
     if cfg.source == "bundled":
         path = str(BUNDLED_DIR)
         if not (BUNDLED_DIR / "model.safetensors").exists():
@@ -71,12 +109,17 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         path = resolve_model_path(cfg.name_or_path)
     else:
         raise ValueError(f"model.source must be 'bundled', 'pretrained', 'scratch' or 'shaped', got {cfg.source!r}")
+    if backend == "unsloth":
+        return load_with_unsloth(path, cfg, DTYPES[cfg.get("dtype", "bfloat16")])
     trust = bool(cfg.get("trust_remote_code", False))
     kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg.device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs.setdefault("device_map", default_device_map())
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model, tokenizer

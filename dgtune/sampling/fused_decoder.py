@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import softcap
+from dgtune.models.quant import dense_weight
 
 
 class FusedDecoderUnsupported(NotImplementedError):
@@ -65,10 +66,11 @@ def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> 
 
 
 def effective_weight(linear) -> torch.Tensor:
-    """The weight a (possibly peft-LoRA-wrapped) linear layer applies: base + active, unmerged LoRA deltas."""
+    """The weight a (possibly peft-LoRA-wrapped, possibly bitsandbytes-quantised) linear layer applies: base
+    (dequantised) + active, unmerged LoRA deltas."""
     if not hasattr(linear, "base_layer"):
-        return linear.weight
-    w = linear.get_base_layer().weight
+        return dense_weight(linear)
+    w = dense_weight(linear.get_base_layer())
     if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
         return w
     for name in linear.active_adapters:

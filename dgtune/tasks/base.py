@@ -10,13 +10,16 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens")
+ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens", "context", "source")
 
 
-def make_row(task: str, prompt: str, response: str, bucket: str = "", puzzle: str = "", solution: str = "", givens: int = 0):
-    """A row with every key of the shared schema (so rows of different tasks fit one `datasets` table)."""
+def make_row(task: str, prompt: str, response: str, bucket: str = "", puzzle: str = "", solution: str = "", givens: int = 0,
+             context: str = "", source: str = ""):
+    """A row with every key of the shared schema (so rows of different tasks fit one `datasets` table).
+    `context`: chat data's messages before the answer as a JSON list ("" = `prompt` is the one user message);
+    `source`: where the row came from (file and row), for error messages."""
     return {"task": task, "prompt": prompt, "response": response, "bucket": bucket or "", "puzzle": puzzle,
-            "solution": solution, "givens": int(givens)}
+            "solution": solution, "givens": int(givens), "context": context or "", "source": source or ""}
 
 
 class Task(Protocol):

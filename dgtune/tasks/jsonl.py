@@ -39,7 +39,13 @@ def load_verifier(spec: str | None):
     module, _, func = spec.partition(":")
     if not func:
         raise ValueError(f"verifier {spec!r} must look like 'package.module:function'")
-    return getattr(importlib.import_module(module), func)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"task.verifier={spec!r}: cannot import module {module!r} ({e})") from None
+    if not callable(getattr(mod, func, None)):
+        raise ValueError(f"task.verifier={spec!r}: module {module!r} has no function {func!r}")
+    return getattr(mod, func)
 
 
 class JsonlTask:

@@ -7,6 +7,7 @@ Pure Python + stdlib.
 from __future__ import annotations
 
 import os
+import sys
 import random
 
 __all__ = [
@@ -306,8 +307,10 @@ def grade(puzzle: str, solution: str | None, output_text: str, size: int) -> dic
 
 def read_csv(path, size: int | None = None) -> list[dict]:
     """Rows {'puzzle', 'solution' ('' if absent), 'givens'} of a CSV with header `puzzle,solution`.
-    Size is inferred from the first row when None. Malformed rows raise SudokuFormatError naming
-    the path and 1-based line; a missing file raises FileNotFoundError."""
+    Size is inferred from the first row when None. Malformed rows, a puzzle without a solution column that has
+    no solution, and a file without rows raise SudokuFormatError naming the path (and 1-based line); puzzles
+    without a solution column that have several solutions are counted (one stderr line) and graded by the rules.
+    A missing file raises FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sudoku CSV file not found: {path}")
@@ -319,7 +322,7 @@ def read_csv(path, size: int | None = None) -> list[dict]:
 
     if not lines or [h.strip().lower() for h in lines[0].split(",")] != ["puzzle", "solution"]:
         fail(1, f"wrong header {lines[0] if lines else ''!r}, expected 'puzzle,solution'")
-    rows = []
+    rows, multi = [], 0
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -351,7 +354,17 @@ def read_csv(path, size: int | None = None) -> list[dict]:
                 fail(lineno, "solution not valid (a row, column or box repeats a digit)")
             if not check["givens_kept"]:
                 fail(lineno, "solution does not match the puzzle's givens")
+        else:  # graded by the rules: an unsolvable puzzle cannot be graded, several solutions are counted
+            n_sol = count_solutions(puzzle, size, limit=2)
+            if n_sol == 0:
+                fail(lineno, "puzzle has no solution (its givens admit no valid completion)")
+            multi += n_sol > 1
         rows.append({"puzzle": puzzle, "solution": solution, "givens": cells - puzzle.count("0")})
+    if not rows:
+        raise SudokuFormatError(f"{path}: no puzzle rows (only the header 'puzzle,solution')")
+    if multi:
+        print(f"[dgtune] {path}: {multi} puzzle(s) without a solution have several solutions; any valid completion "
+              "keeping the givens counts as solved", file=sys.stderr)
     return rows
 
 

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+import torch.nn.functional as F
 
 from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
 
 SPLIT_SEED = {"train": 0, "val": 7_919, "test": 15_485_863}
+MARKERS = "abcdefghijklmnopqrstuvwxyz#"  # layout "boxes": one marker per (row, box) segment, 27 for 9x9
+LAYOUTS = ("flat", "boxes")
+
+
+def layout_positions(size: int, layout: str) -> list[int]:
+    """Canvas position of each cell (row-major) in a response `layout`: "flat" = the n*n digits; "boxes" = each
+    row's box-wide segment preceded by its own marker token (9x9: 'a' + 3 digits, 27 segments, 108 tokens), so
+    that every cell reads its row and box from the marker before it (rotary positions alone are relative: a cell
+    cannot tell which row it is in)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"task.layout={layout!r}: expected one of {LAYOUTS}")
+    if layout == "flat":
+        return list(range(size * size))
+    _, bw = sudoku.box_shape(size)
+    return [i + i // bw + 1 for i in range(size * size)]
 
 
 class SudokuTask:
@@ -15,19 +33,45 @@ class SudokuTask:
     `test_buckets` (name -> [min, max] givens; 9x9 uses Google's buckets easy >= 40, medium 30-39, hard < 30)."""
 
     def __init__(self, size: int = 9, train_givens=(30, 45), test_buckets: dict | None = None, canvas_length=None,
-                 use_template: bool = False):
+                 use_template: bool = False, compact_prompt: bool = False, fresh_per_base: int = 8,
+                 layout: str = "flat"):
+        if compact_prompt and not use_template:
+            raise ValueError("task.compact_prompt=true needs task.template=true: the givens must be in the canvas "
+                             "when the prompt no longer carries the grid")
+        if fresh_per_base < 1:
+            raise ValueError(f"task.fresh_per_base={fresh_per_base}: must be >= 1")
         self.size = size
         self.use_template = use_template
+        self.compact_prompt = compact_prompt
+        self.fresh_per_base = fresh_per_base
+        self.layout = layout
+        self.cell_positions = layout_positions(size, layout)  # canvas position of each cell
+        self.response_length = self.cell_positions[-1] + 1
         self.name = f"sudoku{size}"
         self.train_givens = tuple(train_givens)
         self.test_buckets = dict(test_buckets) if test_buckets else {"all": list(train_givens)}
-        self.canvas_length = canvas_length or size * size + 1
+        self.canvas_length = canvas_length or self.response_length + 1
+        if self.canvas_length <= self.response_length:
+            raise ValueError(f"task.canvas_length={self.canvas_length}: the {layout} layout needs at least "
+                             f"{self.response_length + 1} (response + EOS)")
+
+    def format_response(self, grid: str) -> str:
+        """A grid string (n*n digits, 0 = blank) in the task's layout (markers added for "boxes")."""
+        if self.layout == "flat":
+            return grid
+        _, bw = sudoku.box_shape(self.size)
+        return "".join(MARKERS[k] + grid[k * bw:(k + 1) * bw] for k in range(len(grid) // bw))
+
+    def parse_output(self, text: str) -> str:
+        """Model output back to the flat grid text the rule checker reads (markers of the layout dropped)."""
+        return text if self.layout == "flat" else "".join(ch for ch in text if ch not in MARKERS)
 
     def _rows(self, puzzles: list[dict]) -> list[dict]:
         rows = []
         for p in puzzles:
             bucket = sudoku.bucket(p["givens"], self.size) or ""
-            rows.append(make_row(self.name, sudoku.format_prompt(p["puzzle"]), sudoku.format_response(p["solution"]) if p["solution"] else "",
+            prompt = sudoku.format_prompt("" if self.compact_prompt else p["puzzle"])
+            rows.append(make_row(self.name, prompt, self.format_response(p["solution"]) if p["solution"] else "",
                                  bucket, p["puzzle"], p["solution"], p["givens"]))
         return rows
 
@@ -46,6 +90,23 @@ class SudokuTask:
             rows += self._rows(sudoku.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i,
                                                        base_per_givens=min(32, max(2, k // 2))))
         return rows
+
+    def fresh_rows(self, n: int, seed: int) -> list[dict]:
+        """`n` new training rows, a pure function of `seed` (so a resumed run sees the same ones): ceil(n /
+        fresh_per_base) puzzles generated from scratch (random full grid, cells blanked while the solution stays
+        unique, givens drawn uniformly from `train_givens`), each shown under `fresh_per_base` random symmetries.
+        At ~5 ms a puzzle on a CPU, this is an endless stream that never repeats a training puzzle."""
+        rng = random.Random(seed)
+        lo, hi = self.train_givens
+        out = []
+        while len(out) < n:
+            sol = sudoku.random_solution(self.size, rng)
+            puz = sudoku.make_unique_puzzle(sol, self.size, rng.randint(lo, hi), rng)
+            givens = self.size * self.size - puz.count("0")
+            for _ in range(min(self.fresh_per_base, n - len(out))):
+                p2, s2 = sudoku.transform(puz, sol, self.size, rng)
+                out.append({"puzzle": p2, "solution": s2, "givens": givens})
+        return self._rows(out)
 
     def load_test_file(self, path: str) -> list[dict]:
         """Rows from a CSV with header `puzzle,solution` (see `sudoku.read_csv`)."""
@@ -66,8 +127,9 @@ class SudokuTask:
         return self._rows([{"puzzle": puzzle, "solution": "", "givens": sum(1 for v in cells if v)}])[0]
 
     def canvas_template(self, row: dict) -> list[str | None]:
-        """The givens in their canvas positions (known, never corrupted, clamped when sampling); None = blank."""
-        return [ch if ch != "0" else None for ch in row["puzzle"]]
+        """The givens (and a layout's markers) in their canvas positions (known, never corrupted, clamped when
+        sampling); None = blank."""
+        return [ch if ch != "0" else None for ch in self.format_response(row["puzzle"])]
 
     def peers(self) -> torch.Tensor:
         """[n, n] bool: cells sharing a row, column or box (a cell is not its own peer)."""
@@ -77,20 +139,48 @@ class SudokuTask:
         same = (r[:, None] == r[None]) | (c[:, None] == c[None]) | (box[:, None] == box[None])
         return same & ~torch.eye(n * n, dtype=torch.bool)
 
+    def units(self) -> torch.Tensor:
+        """[3n, n*n] float: membership of each cell in each row, column and box."""
+        n, (bh, bw) = self.size, sudoku.box_shape(self.size)
+        r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
+        box = (r // bh) * (n // bw) + c // bw
+        return torch.cat([F.one_hot(r, n).T, F.one_hot(c, n).T, F.one_hot(box, n).T]).float()
+
+    def aux_token_ids(self, tokenizer) -> list[int]:
+        """The digit tokens '1'..'n': the canvas distribution the unit-constraint loss reads."""
+        return [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, self.size + 1)]
+
+    def aux_loss(self, digit_probs: torch.Tensor, clean: torch.Tensor, keep: torch.Tensor | None,
+                 digit_ids: torch.Tensor) -> torch.Tensor:
+        """Sudoku's unit constraint as a soft penalty: for every row, column and box and every digit, the predicted
+        probabilities of that digit over the unit's cells should sum to one (each digit exactly once).
+
+        digit_probs [b, l, n]: the model's distribution over the digit tokens (renormalised over them); clean [b, l]
+        the clean canvas; keep [b, l] the template (given) positions, whose digit is known (one-hot, not the
+        model's); digit_ids [n] the digit token ids. Returns the mean squared deviation over units and digits."""
+        pos = torch.tensor(self.cell_positions, device=digit_probs.device)  # [c]
+        p = digit_probs[:, pos].float()  # [b, c, n]
+        if keep is not None:
+            given = (clean[:, pos, None] == digit_ids.to(clean.device)).float()  # [b, c, n]
+            p = torch.where(keep[:, pos, None], given, p)
+        sums = torch.einsum("uc,bcd->bud", self.units().to(p.device), p)  # [b, 3n, n]
+        return ((sums - 1.0) ** 2).mean()
+
     def make_guide(self, tokenizer):
         """A rule checker for verifier-guided sampling: `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]`
         flags fixed cells whose digit repeats the digit of another fixed cell in its row, column or box."""
-        cells = self.size * self.size
+        pos = torch.tensor(self.cell_positions)  # [c] canvas positions of the cells
         digit_of = torch.zeros(len(tokenizer), dtype=torch.long)
         for d in range(1, self.size + 1):
             digit_of[tokenizer.convert_tokens_to_ids(str(d))] = d
         peers = self.peers()
 
         def guide(tokens: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-            d = digit_of.to(tokens.device)[tokens[:, :cells]] * fixed[:, :cells]  # [b, n*n], 0 = not fixed / no digit
+            at = pos.to(tokens.device)
+            d = digit_of.to(tokens.device)[tokens[:, at]] * fixed[:, at]  # [b, n*n], 0 = not fixed / no digit
             clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & peers.to(tokens.device)  # [b, c, c]
             reject = torch.zeros_like(fixed)
-            reject[:, :cells] = clash.any(-1)
+            reject[:, at] = clash.any(-1)
             return reject
 
         return guide
@@ -103,4 +193,4 @@ class SudokuTask:
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Rules first (`solved`), then the reference (`exact`, `cell_acc`)."""
-        return sudoku.grade(row["puzzle"], row["solution"] or None, output, self.size)
+        return sudoku.grade(row["puzzle"], row["solution"] or None, self.parse_output(output), self.size)

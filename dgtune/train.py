@@ -137,9 +137,13 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     # Model, task and data
     model, tokenizer = load_model(cfg.model)
     model.config.canvas_length = task.canvas_length
-    train_items = encode_rows(tokenizer, splits["train"], task.canvas_length, task)
+    fresh = bool(cfg.task.get("fresh", False))
+    if fresh and not hasattr(task, "fresh_rows"):
+        raise ValueError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
+    # task.fresh: each step's rows are generated (below), the cached train split is not used
+    train_items = [] if fresh else encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     global_batch = tc.batch_size * world
-    if world > 1 and len(train_items) < global_batch:
+    if world > 1 and not fresh and len(train_items) < global_batch:
         raise ValueError(f"{len(train_items)} training examples < global batch {global_batch} "
                          f"(trainer.batch_size={tc.batch_size} x {world} processes)")
     if cfg.lora.enabled:
@@ -163,9 +167,6 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
         if not hasattr(task, "aux_loss"):
             raise ValueError(f"objective.aux_weight={obj.aux_weight}: task {task.name!r} has no auxiliary loss")
         aux = (task, torch.tensor(task.aux_token_ids(tokenizer)))
-    fresh = bool(cfg.task.get("fresh", False))
-    if fresh and not hasattr(task, "fresh_rows"):
-        raise ValueError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
     loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id, aux)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
@@ -187,7 +188,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir.name,
                       sweep_group(cfg), state.get("wandb_id"), enabled=main)
     state["wandb_id"] = tracker.run_id
-    accelerator.print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={len(train_items)} "
+    n_train = "fresh" if fresh else len(train_items)
+    accelerator.print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={n_train} "
                       f"examples, processes={world}, batch={tc.batch_size}/process ({global_batch} per micro-step), "
                       f"mixed_precision={accelerator.mixed_precision}")
 

@@ -133,18 +133,17 @@ class SudokuTask:
 
     def peers(self) -> torch.Tensor:
         """[n, n] bool: cells sharing a row, column or box (a cell is not its own peer)."""
-        n, (bh, bw) = self.size, sudoku.box_shape(self.size)
-        r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
-        box = (r // bh) * (n // bw) + c // bw
-        same = (r[:, None] == r[None]) | (c[:, None] == c[None]) | (box[:, None] == box[None])
-        return same & ~torch.eye(n * n, dtype=torch.bool)
+        u = self.units()
+        return (u.T @ u > 0) & ~torch.eye(u.shape[1], dtype=torch.bool)
 
     def units(self) -> torch.Tensor:
-        """[3n, n*n] float: membership of each cell in each row, column and box."""
-        n, (bh, bw) = self.size, sudoku.box_shape(self.size)
-        r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
-        box = (r // bh) * (n // bw) + c // bw
-        return torch.cat([F.one_hot(r, n).T, F.one_hot(c, n).T, F.one_hot(box, n).T]).float()
+        """[3n, n*n] float: membership of each cell in each row, column and box (built once per task)."""
+        if getattr(self, "_units", None) is None:
+            n, (bh, bw) = self.size, sudoku.box_shape(self.size)
+            r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
+            box = (r // bh) * (n // bw) + c // bw
+            self._units = torch.cat([F.one_hot(r, n).T, F.one_hot(c, n).T, F.one_hot(box, n).T]).float()
+        return self._units
 
     def aux_token_ids(self, tokenizer) -> list[int]:
         """The digit tokens '1'..'n': the canvas distribution the unit-constraint loss reads."""

@@ -34,6 +34,8 @@ def sampler_config(cfg: DictConfig, tokenizer=None) -> SamplerConfig:
     d.setdefault("mode", EVAL_DEFAULT_MODE)
     if "objective" in cfg:  # what the decoder outputs is fixed by how the model was trained
         d["prediction"] = cfg.objective.get("prediction", "denoiser")
+        # a model trained without the self-conditioning pass never saw previous logits as input: do not feed them
+        d.setdefault("self_conditioning", float(cfg.objective.get("self_cond_p", 0.5)) > 0)
     if d.get("noise") == "mask" and d.get("mask_token_id") is None and tokenizer is not None:
         d["mask_token_id"] = tokenizer.mask_token_id
     return SamplerConfig(**d)
@@ -74,7 +76,9 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
             base, _ = load_model(cfg.model)
             base.config.canvas_length = task.canvas_length
             ctx = nullcontext()
-        base_cfg = replace(scfg, prediction="denoiser")  # the base is a denoiser, whatever the adapter learned
+        # the base is sampled as it was trained (the released objective: a denoiser with self-conditioning),
+        # whatever the adapter learned
+        base_cfg = replace(scfg, prediction="denoiser", self_conditioning=True)
         with ctx:
             r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name,
                               progress=bars)

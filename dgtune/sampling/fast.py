@@ -181,7 +181,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         newly = live & done
         out.index_copy_(0, rows, torch.where(newly[:, None], output, out.index_select(0, rows)))
         live = live & ~done
-        sc_logits = (raw / t).to(embed_dtype)  # processed logits: next step's self-conditioning
+        if cfg.self_conditioning:
+            sc_logits = (raw / t).to(embed_dtype)  # processed logits: next step's self-conditioning
         if steps_left == 1 or (i + 1) % sync_every:
             continue
         keep = live.nonzero().squeeze(1)  # host sync
@@ -189,7 +190,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
             break
         if keep.numel() < a:
             rows, live = rows[keep], live[keep]
-            canvas, committed, kept, sc_logits = canvas[keep], committed[keep], kept[keep], sc_logits[keep]
+            canvas, committed, kept = canvas[keep], committed[keep], kept[keep]
+            sc_logits = None if sc_logits is None else sc_logits[keep]
             history = history[:, keep]
             if fused is not None:
                 kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv_all]

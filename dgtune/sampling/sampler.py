@@ -54,6 +54,8 @@ class SamplerConfig:
     decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
     prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo" (leave-one-out posterior)
     compile: bool = False  # fast mode: torch.compile the fused decoder (pays off over long evals)
+    self_conditioning: bool = True  # feed each step's logits to the next (as generate()); off for models trained
+    # without it (objective.self_cond_p=0), which never saw that signal in training
 
 
 @dataclass
@@ -149,7 +151,7 @@ def uses_reference(cfg: SamplerConfig) -> bool:
     if cfg.prediction not in ("denoiser", "mean_loo"):
         raise ValueError(f"sampler prediction must be 'denoiser' or 'mean_loo', got {cfg.prediction!r}")
     return (cfg.mode == "reference" and cfg.strategy == "entropy_bound" and cfg.noise == "uniform"
-            and cfg.prediction == "denoiser")
+            and cfg.prediction == "denoiser" and cfg.self_conditioning)
 
 
 @torch.no_grad()

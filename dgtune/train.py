@@ -138,8 +138,6 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     model, tokenizer = load_model(cfg.model)
     model.config.canvas_length = task.canvas_length
     fresh = bool(cfg.task.get("fresh", False))
-    if fresh and not hasattr(task, "fresh_rows"):
-        raise ValueError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
     # task.fresh: each step's rows are generated (below), the cached train split is not used
     train_items = [] if fresh else encode_rows(tokenizer, splits["train"], task.canvas_length, task)
     global_batch = tc.batch_size * world
@@ -164,8 +162,6 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
     aux = None
     if obj.aux_weight > 0:
-        if not hasattr(task, "aux_loss"):
-            raise ValueError(f"objective.aux_weight={obj.aux_weight}: task {task.name!r} has no auxiliary loss")
         aux = (task, torch.tensor(task.aux_token_ids(tokenizer)))
     loss_fn = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id, aux)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)

@@ -212,11 +212,25 @@ def check_inputs(cfg: DictConfig, task) -> list[dict] | None:
     from dgtune.models.load import check_model_files
 
     check_model_files(cfg.model)
+    check_task_features(cfg, task)
     if not cfg.task.get("test_file"):
         return None
     if not hasattr(task, "load_test_file"):
         raise InputError(f"task.test_file={cfg.task.test_file!r}: task {task.name!r} does not read test files")
     return task.load_test_file(cfg.task.test_file)
+
+
+def check_task_features(cfg: DictConfig, task) -> None:
+    """Settings that need something the task may not have: `eval.guided=true` needs the task's rule checker
+    (`make_guide`), `objective.aux_weight` > 0 its auxiliary loss, `task.fresh=true` its generator."""
+    if cfg.get("eval", {}).get("guided") and not hasattr(task, "make_guide"):
+        raise ConfigError(f"eval.guided=true: task {task.name!r} has no rule checker for guided sampling "
+                          "(only sudoku has one); set eval.guided=false")
+    aux = cfg.get("objective", {}).get("aux_weight") or 0
+    if aux > 0 and not hasattr(task, "aux_loss"):
+        raise ConfigError(f"objective.aux_weight={aux}: task {task.name!r} has no auxiliary loss; set it to 0")
+    if cfg.get("task", {}).get("fresh") and not hasattr(task, "fresh_rows"):
+        raise ConfigError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
 
 
 USER_ERRORS: tuple = (DgtuneError, FileNotFoundError, KeyError)

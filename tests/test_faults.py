@@ -149,6 +149,18 @@ def test_bad_config_values_fail_before_any_folder(tmp_path, data_dir, override, 
     assert no_run_folder(tmp_path)
 
 
+@pytest.mark.parametrize("overrides,key", [(["task=countdown", "eval.guided=true"], "eval.guided=true: task 'countdown'"),
+                                           (["task=coloring", "objective.aux_weight=1"], "objective.aux_weight=1: task"),
+                                           (["task=countdown", "+task.fresh=true"], "task.fresh=true: task 'countdown'")])
+def test_setting_the_task_cannot_honour_fails_before_any_folder(tmp_path, data_dir, overrides, key):
+    """eval.guided / objective.aux_weight / task.fresh on a task without a rule checker / auxiliary loss / generator:
+    a one-line config error naming the key before any folder is made (guided crashed with an AttributeError after
+    training; the other two were found only after the model was loaded)."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train(tmp_path, data_dir, *overrides, "task.n_train=8", "task.n_val=2", "task.n_test=2")
+    assert no_run_folder(tmp_path)
+
+
 def test_bad_config_value_cli_exit_code_and_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "dgtune.train", "task=sudoku4", "trainer.max_steps=abc"],

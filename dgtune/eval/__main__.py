@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> str:
 def _main(argv: list[str] | None = None) -> str:
     import torch
 
-    from dgtune.validate import quiet_third_party
-    from dgtune.validate import check_config
+    from dgtune.validate import check_config, check_task_features, quiet_third_party
 
     from dgtune.data import splits_for
     from dgtune.tasks import build_task
@@ -214,10 +213,11 @@ def _main(argv: list[str] | None = None) -> str:
     cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[1:])
     check_config(cfg, sections=("eval", "task", "sampler"))
     quiet_third_party()
+    task = build_task(cfg.task)
+    check_task_features(cfg, task)  # before any folder is made
     out_dir = eval_out_dir(run_dir, cfg)
     cfg.eval.out_dir = str(out_dir)
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task)
     if cfg.task.get("test_file"):
         test_rows(task, None, cfg)  # a bad test file fails before the models are loaded
     tuned, tokenizer, base = load_run(run_dir, cfg)

@@ -7,7 +7,8 @@ time per sequence comes from the run's own `metrics.jsonl` (`train/elapsed_s` ag
 log(sequences) is a guess about the future, not a measurement: the script prints the fit's residuals so the reader
 can judge it.
 
-Launch: `python eval/curve_budget.py runs/solve_pilot --from-step 1950`
+Launch: `python eval/curve_budget.py runs/solve_pilot --from-step 1950 [--speed-from OTHER_RUN_DIR]`
+(`--speed-from`: take the time per sequence from another run of the same recipe, e.g. one timed alone)
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--steps", type=int, default=12, help="the denoising steps of the curve's column")
     ap.add_argument("--from-step", type=int, default=0, help="fit only points from this training step on")
+    ap.add_argument("--speed-from", type=Path, help="read seconds per sequence from this run's metrics.jsonl")
     ap.add_argument("--target", type=float, nargs="+", default=[0.9, 0.95])
     args = ap.parse_args()
     points = [json.loads(l) for l in (args.run_dir / "learning_curve.jsonl").read_text().splitlines() if l.strip()]
@@ -71,13 +73,14 @@ def main() -> None:
           f"{key} = {a:.3f} + {b:.3f} log10(sequences)")
     for p, x, y in zip(points, xs, ys):
         print(f"  step {p['step']:>6} sequences {p['sequences']:>9,} measured {y:.3f} fit {a + b * x:.3f}")
-    sps = seconds_per_sequence(args.run_dir)
+    sps = seconds_per_sequence(args.speed_from or args.run_dir)
+    speed_of = f"{(args.speed_from or args.run_dir).name}'s"
     for target in args.target:
         if b <= 0:
             print(f"target {target}: the curve does not rise, no budget can be read from it")
             continue
         seqs = 10 ** ((target - a) / b)
-        hours = f", {seqs * sps / 3600:,.0f} h at this run's {1 / sps:.1f} sequences/s" if sps else ""
+        hours = f", {seqs * sps / 3600:,.0f} h at {speed_of} {1 / sps:.1f} sequences/s" if sps else ""
         print(f"target {key} {target}: {seqs:,.0f} sequences{hours}")
 
 

@@ -2,7 +2,9 @@
 step count, with the run's own sampler settings (how the solve9 sampler bug was found: iterative decoding scored
 below one step).
 
-Launch: `python eval/decode_checkpoint.py RUN_DIR RUN_DIR/checkpoints/step_0001800/weights 1,12,48 topk_margin,topk_confidence`
+Launch: `python eval/decode_checkpoint.py RUN_DIR RUN_DIR/final 1,12,48 topk_margin,topk_confidence [on|off]`
+The optional last argument forces the self-conditioning input on or off (default: as the run's objective says;
+`on` for a run trained with `objective.self_cond_p=0` is what the sampler did before that was fixed).
 """
 
 import sys
@@ -23,6 +25,7 @@ def main() -> None:
 
     run, ck, steps = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
     strategies = sys.argv[4].split(",") if len(sys.argv) > 4 else ["topk_margin"]
+    force_sc = {"on": True, "off": False}[sys.argv[5]] if len(sys.argv) > 5 else None
     cfg = OmegaConf.load(run / "config.yaml")
     base, tok = load_model(cfg.model)
     model = PeftModel.from_pretrained(base, str(ck)) if (ck / "adapter_config.json").exists() else base
@@ -30,7 +33,8 @@ def main() -> None:
     rows = [r for r in splits_for(task, cfg)["val"] if r.get("bucket") == "medium"][:64]
     for strat in strategies:
         sc = sampler_config(cfg, tok)
-        sc = type(sc)(**{**sc.__dict__, "strategy": strat})
+        sc = type(sc)(**{**sc.__dict__, "strategy": strat,
+                         **({} if force_sc is None else {"self_conditioning": force_sc})})
         t0 = time.time()
         recs, _ = evaluate(model, tok, task, rows, steps, sc, 96, cfg.seed, "tuned")
         for s in steps:

@@ -1,4 +1,5 @@
-"""`python -m dgtune.export RUN_DIR OUT_DIR [--merge]`: package a run's adapter, or merge it into a standalone model.
+"""`python -m dgtune.export RUN_DIR OUT_DIR [--merge | --publish]`: package a run's adapter, or merge it into a
+standalone model, or publish the run as a folder that `python -m dgtune.eval OUT_DIR` and plain peft both load.
 
 Without `--merge` the PEFT adapter (adapter_config.json + adapter_model.safetensors) and tokenizer are copied.
 With `--merge`: DiffusionGemma's encoder and decoder share tied base weights but get separate adapters, so
@@ -9,6 +10,9 @@ quantised base (`model.quantization`) is merged into the unquantised base weight
 Both write `generation_config.json` (EOS, one canvas, the step count, `--steps N` to change it) so that a plain
 `model.generate(**ids)` samples as dgtune's reference mode does; the adapter names its base portably (the Hub id,
 the bundled base's folder name, or `--base-model NAME_OR_PATH`).
+`--publish` writes a run-shaped folder: `final/` (the adapter as above, without peft's placeholder card),
+`config.yaml` (the run's config, its machine paths cleared) and the run's report and learning curve when present;
+the model card (`OUT_DIR/README.md`) is the publisher's to write. It never writes into an existing `OUT_DIR/final`.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def write_generation_config(folder: Path, cfg, tokenizer, canvas_length: int, st
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point: `RUN_DIR OUT_DIR [--merge] [--base-model NAME_OR_PATH] [--steps N]`."""
+    """CLI entry point: `RUN_DIR OUT_DIR [--merge | --publish] [--base-model NAME_OR_PATH] [--steps N]`."""
     from dgtune.validate import cli_errors
 
     with cli_errors():
@@ -106,9 +110,9 @@ def _main(argv: list[str] | None = None) -> Path:
             opts[a] = next(it, None)
         else:
             args.append(a)
-    merge = "--merge" in args
-    args = [a for a in args if a != "--merge"]
-    if len(args) != 2 or None in opts.values():
+    merge, publish = "--merge" in args, "--publish" in args
+    args = [a for a in args if a not in ("--merge", "--publish")]
+    if len(args) != 2 or None in opts.values() or (merge and publish):
         print(__doc__)
         raise SystemExit(2)
     run_dir, out = Path(args[0]), Path(args[1])
@@ -118,6 +122,8 @@ def _main(argv: list[str] | None = None) -> Path:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     canvas_length = build_task(cfg.task).canvas_length
     steps = int(opts["--steps"]) if "--steps" in opts else None
+    if publish:
+        return publish_run(run_dir, out, cfg, opts.get("--base-model"), canvas_length, steps)
     if not merge:
         shutil.copytree(final, out, dirs_exist_ok=True)
         adapter_cfg = json.loads((out / "adapter_config.json").read_text())
@@ -138,6 +144,40 @@ def _main(argv: list[str] | None = None) -> Path:
     write_generation_config(out, cfg, tokenizer, canvas_length, steps)
     fix_modes(out)
     print(f"[dgtune] merged model written to {out}")
+    return out
+
+
+PUBLISHED_FILES = ("report.json", "report.md", "accuracy_vs_steps.png", "learning_curve.jsonl", "learning_curve.png")
+
+
+def publish_run(run_dir: Path, out: Path, cfg, base_model: str | None, canvas_length: int, steps: int | None) -> Path:
+    """A run-shaped folder: `out/final` (portable adapter + tokenizer + generation config), `out/config.yaml` (run
+    paths cleared) and the run's report files; refuses an existing `out/final` (published weights are not
+    overwritten)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from dgtune.checkpoint import fix_modes
+
+    if (out / "final").exists():
+        raise FileExistsError(f"{out / 'final'} exists: publish into a new folder (published weights are not overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "final", out / "final")
+    (out / "final" / "README.md").unlink(missing_ok=True)  # peft's placeholder card (and the training machine's paths)
+    adapter_cfg = json.loads((out / "final" / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = base_model or base_model_name(cfg)
+    (out / "final" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(out / "final"))
+    write_generation_config(out / "final", cfg, tokenizer, canvas_length, steps)
+    cfg.run_dir, cfg.resume = None, False
+    OmegaConf.save(cfg, out / "config.yaml")
+    for name in PUBLISHED_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, out / name)
+    fix_modes(out)
+    print(f"[dgtune] published {run_dir} to {out} (base: {adapter_cfg['base_model_name_or_path']!r}); "
+          f"`python -m dgtune.eval {out}` evaluates it; add a model card as {out / 'README.md'}")
     return out
 
 

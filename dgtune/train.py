@@ -262,7 +262,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
             break
     bar.close()
     state["elapsed_s"] = time.perf_counter() - t_start
-    if cfg.eval.quick_every and main and step % cfg.eval.quick_every:  # the learning curve's last point
+    evaluated = step % max(cfg.eval.quick_every, 1) == 0 and step < tc.max_steps  # by the loop, at this step
+    if cfg.eval.quick_every and main and not evaluated:  # the learning curve's last point: the final weights
         tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
                                step * global_batch * tc.grad_accum), step)
     summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}

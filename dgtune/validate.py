@@ -233,7 +233,7 @@ def check_task_features(cfg: DictConfig, task) -> None:
         raise ConfigError(f"task.fresh=true: task {task.name!r} cannot generate fresh training rows")
 
 
-USER_ERRORS: tuple = (DgtuneError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple = (DgtuneError, FileNotFoundError, FileExistsError, KeyError)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,17 @@ def test_train_sudoku_end_to_end_with_wandb_offline(tmp_path):
     run_cli("dgtune.export", [str(run), str(tmp_path / "adapter")], tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
+    # publish: a run-shaped folder that dgtune.eval loads; never over published weights
+    pub = tmp_path / "published"
+    run_cli("dgtune.export", [str(run), str(pub), "--publish"], tmp_path)
+    assert (pub / "report.md").exists() and not (pub / "final" / "README.md").exists()
+    assert "run_dir: null" in (pub / "config.yaml").read_text()
+    run_cli("dgtune.eval", [str(pub), "eval.steps=[1]", "eval.compare_base=false", f"eval.out_dir={tmp_path / 'r'}"],
+            tmp_path)
+    assert (tmp_path / "r" / "report.json").exists()
+    proc = run_cli("dgtune.export", [str(run), str(pub), "--publish"], tmp_path, check=False)
+    assert proc.returncode != 0 and str(pub / "final") in proc.stderr
+
 
 @needs_base
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
@@ -111,7 +122,7 @@ def test_hub_model_fails_fast_offline(monkeypatch):
     from dgtune.models.load import ModelNotAvailableError, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = compose(["recipe=sudoku", "model=diffusiongemma_26b"])
+    cfg = compose(["recipe=sudoku_26b"])
     t0 = time.time()
     with pytest.raises(ModelNotAvailableError, match="google/diffusiongemma-26B-A4B-it.*unreachable"):
         load_model(cfg.model)

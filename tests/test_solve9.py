@@ -89,19 +89,20 @@ def test_learning_curve_points_replace_later_ones_after_a_resume(tmp_path):
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_with_fresh_data_writes_the_learning_curve(tmp_path):
+@pytest.mark.parametrize("max_steps", [3, 4])  # 4: max_steps a multiple of quick_every (the final point was lost)
+def test_train_with_fresh_data_writes_the_learning_curve(tmp_path, max_steps):
     from dgtune.config import compose
     from dgtune.train import train
 
     cfg = compose(["recipe=sudoku_solve", "task=sudoku4", "task.template=true", "task.compact_prompt=true",
                    "task.fresh=true", "task.canvas_length=24", "task.train_givens=[6,10]", "task.n_train=8",
-                   "task.n_val=8", "task.n_test=4", "eval.quick_bucket=null", "trainer.max_steps=3",
+                   "task.n_val=8", "task.n_test=4", "eval.quick_bucket=null", f"trainer.max_steps={max_steps}",
                    "trainer.batch_size=4", "eval.quick_every=2", "eval.quick_n=4", "eval.at_end=false",
                    "trainer.progress_bar=false", "trainer.log_every=1", f"run_dir={tmp_path / 'run'}",
                    f"data_dir={tmp_path / 'data'}", "trainer.max_minutes=null"])
     train(cfg)
     pts = read_curve(tmp_path / "run")
-    assert [p["step"] for p in pts] == [2, 3] and [p["sequences"] for p in pts] == [8, 12]
+    assert [p["step"] for p in pts] == [2, max_steps] and [p["sequences"] for p in pts] == [8, 4 * max_steps]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/aux_loss" in m for m in metrics)
 

@@ -1,10 +1,11 @@
-"""Blank-cell accuracy of one checkpoint's adapter on 64 medium validation Sudoku puzzles, per decoding strategy and
-step count, with the run's own sampler settings (how the solve9 sampler bug was found: iterative decoding scored
-below one step).
+"""Cell accuracy and solved count of one checkpoint's adapter on validation rows (default: the first 64 of bucket
+`medium`), per decoding strategy and step count, with the run's own sampler settings (how the solve9 sampler bug was
+found: iterative decoding scored below one step).
 
-Launch: `python eval/decode_checkpoint.py RUN_DIR RUN_DIR/final 1,12,48 topk_margin,topk_confidence [on|off]`
-The optional last argument forces the self-conditioning input on or off (default: as the run's objective says;
-`on` for a run trained with `objective.self_cond_p=0` is what the sampler did before that was fixed).
+Launch: `python eval/decode_checkpoint.py RUN_DIR RUN_DIR/final 1,12,48 topk_margin,topk_confidence [on|off]
+[bucket=NAME] [n=N]`. `on|off` forces the self-conditioning input (default: as the run's objective says; `on` for a
+run trained with `objective.self_cond_p=0` is what the sampler did before that was fixed); `bucket=` / `n=` pick
+the validation rows (`bucket=all`: every bucket, in split order, as the quick evals take them).
 """
 
 import sys
@@ -23,14 +24,17 @@ def main() -> None:
     from dgtune.models.load import load_model
     from dgtune.tasks import build_task
 
-    run, ck, steps = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
-    strategies = sys.argv[4].split(",") if len(sys.argv) > 4 else ["topk_margin"]
-    force_sc = {"on": True, "off": False}[sys.argv[5]] if len(sys.argv) > 5 else None
+    opts = dict(a.split("=", 1) for a in sys.argv[1:] if a.startswith(("bucket=", "n=")))
+    args = [a for a in sys.argv[1:] if not a.startswith(("bucket=", "n="))]
+    run, ck, steps = Path(args[0]), Path(args[1]), [int(s) for s in args[2].split(",")]
+    strategies = args[3].split(",") if len(args) > 3 else ["topk_margin"]
+    force_sc = {"on": True, "off": False}[args[4]] if len(args) > 4 else None
+    bucket, n = opts.get("bucket", "medium"), int(opts.get("n", 64))
     cfg = OmegaConf.load(run / "config.yaml")
     base, tok = load_model(cfg.model)
     model = PeftModel.from_pretrained(base, str(ck)) if (ck / "adapter_config.json").exists() else base
     task = build_task(cfg.task)
-    rows = [r for r in splits_for(task, cfg)["val"] if r.get("bucket") == "medium"][:64]
+    rows = [r for r in splits_for(task, cfg)["val"] if bucket == "all" or r.get("bucket") == bucket][:n]
     for strat in strategies:
         sc = sampler_config(cfg, tok)
         sc = type(sc)(**{**sc.__dict__, "strategy": strat,

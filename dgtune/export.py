@@ -93,8 +93,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def _main(argv: list[str] | None = None) -> Path:
-    import json
-
     from omegaconf import OmegaConf
 
     from dgtune.checkpoint import fix_modes
@@ -125,14 +123,9 @@ def _main(argv: list[str] | None = None) -> Path:
     if publish:
         return publish_run(run_dir, out, cfg, opts.get("--base-model"), canvas_length, steps)
     if not merge:
-        shutil.copytree(final, out, dirs_exist_ok=True)
-        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
-        adapter_cfg["base_model_name_or_path"] = opts.get("--base-model") or base_model_name(cfg)
-        (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(final))
-        write_generation_config(out, cfg, tokenizer, canvas_length, steps)
+        base = copy_adapter(final, out, cfg, opts.get("--base-model"), canvas_length, steps)
         fix_modes(out)
-        print(f"[dgtune] adapter copied to {out} (base: {adapter_cfg['base_model_name_or_path']!r}; "
+        print(f"[dgtune] adapter copied to {out} (base: {base!r}; "
               f"set model.config.canvas_length={canvas_length} on the base before generate())")
         return out
     cfg.model.quantization = None  # merge into the 16-bit base (a 4-bit / 8-bit run's adapter was trained on it)
@@ -147,6 +140,20 @@ def _main(argv: list[str] | None = None) -> Path:
     return out
 
 
+def copy_adapter(final: Path, out: Path, cfg, base_model: str | None, canvas_length: int, steps: int | None) -> str:
+    """Copy a run's `final/` adapter to `out`, name its base portably (`base_model_name`) and write the generation
+    config; returns the base name written."""
+    import json
+
+    shutil.copytree(final, out, dirs_exist_ok=True)
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = base_model or base_model_name(cfg)
+    (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(final))
+    write_generation_config(out, cfg, tokenizer, canvas_length, steps)
+    return adapter_cfg["base_model_name_or_path"]
+
+
 PUBLISHED_FILES = ("report.json", "report.md", "accuracy_vs_steps.png", "learning_curve.jsonl", "learning_curve.png")
 
 
@@ -154,8 +161,6 @@ def publish_run(run_dir: Path, out: Path, cfg, base_model: str | None, canvas_le
     """A run-shaped folder: `out/final` (portable adapter + tokenizer + generation config), `out/config.yaml` (run
     paths cleared) and the run's report files; refuses an existing `out/final` (published weights are not
     overwritten)."""
-    import json
-
     from omegaconf import OmegaConf
 
     from dgtune.checkpoint import fix_modes
@@ -163,20 +168,15 @@ def publish_run(run_dir: Path, out: Path, cfg, base_model: str | None, canvas_le
     if (out / "final").exists():
         raise FileExistsError(f"{out / 'final'} exists: publish into a new folder (published weights are not overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(run_dir / "final", out / "final")
+    base = copy_adapter(run_dir / "final", out / "final", cfg, base_model, canvas_length, steps)
     (out / "final" / "README.md").unlink(missing_ok=True)  # peft's placeholder card (and the training machine's paths)
-    adapter_cfg = json.loads((out / "final" / "adapter_config.json").read_text())
-    adapter_cfg["base_model_name_or_path"] = base_model or base_model_name(cfg)
-    (out / "final" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(out / "final"))
-    write_generation_config(out / "final", cfg, tokenizer, canvas_length, steps)
     cfg.run_dir, cfg.resume = None, False
     OmegaConf.save(cfg, out / "config.yaml")
     for name in PUBLISHED_FILES:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, out / name)
     fix_modes(out)
-    print(f"[dgtune] published {run_dir} to {out} (base: {adapter_cfg['base_model_name_or_path']!r}); "
+    print(f"[dgtune] published {run_dir} to {out} (base: {base!r}); "
           f"`python -m dgtune.eval {out}` evaluates it; add a model card as {out / 'README.md'}")
     return out
 

@@ -36,8 +36,8 @@ def test_plain_peft_loads_the_adapter_on_the_bundled_base():
     base_dir = ROOT / "dgtune" / "assets" / "tiny-diffusiongemma"
     base = DiffusionGemmaForBlockDiffusion.from_pretrained(str(base_dir), use_safetensors=True)
     model = PeftModel.from_pretrained(base, str(PUBLISHED / "final"))
-    lora = [n for n, _ in model.named_parameters() if "lora_B" in n]
-    assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     tok = AutoTokenizer.from_pretrained(str(PUBLISHED / "final"))
     assert tok("sudoku:")["input_ids"]
     assert torch.isfinite(next(model.parameters())).all()

@@ -225,7 +225,7 @@ def check_task_features(cfg: DictConfig, task) -> None:
     (`make_guide`), `objective.aux_weight` > 0 its auxiliary loss, `task.fresh=true` its generator."""
     if cfg.get("eval", {}).get("guided") and not hasattr(task, "make_guide"):
         raise ConfigError(f"eval.guided=true: task {task.name!r} has no rule checker for guided sampling "
-                          "(only sudoku has one); set eval.guided=false")
+                          "(sudoku and coloring have one); set eval.guided=false")
     aux = cfg.get("objective", {}).get("aux_weight") or 0
     if aux > 0 and not hasattr(task, "aux_loss"):
         raise ConfigError(f"objective.aux_weight={aux}: task {task.name!r} has no auxiliary loss; set it to 0")

@@ -124,12 +124,12 @@ def test_boxes_layout_round_trips_and_places_cells_after_their_markers(size, tin
     digit_ids = torch.tensor(task.aux_token_ids(tok))
     probs = (clean[..., None] == digit_ids).float()  # [1, l, n] one-hot digits (markers: all zero)
     assert task.aux_loss(probs, clean, None, digit_ids).item() == 0.0
-    guide = task.make_guide(tok)
+    guide = task.make_guide(tok, [row])
     fixed = torch.ones_like(clean, dtype=torch.bool)
-    assert not guide(clean, fixed).any()
+    assert not guide(clean, fixed, torch.arange(1)).any()
     bad = clean.clone()
     a, b = task.cell_positions[0], task.cell_positions[1]
     bad[0, b] = clean[0, a]  # two equal digits in one row
-    assert guide(bad, fixed)[0, a] and guide(bad, fixed)[0, b]
+    assert guide(bad, fixed, torch.arange(1))[0, [a, b]].all()
     with pytest.raises(ValueError, match="canvas_length"):
         SudokuTask(size, (5, 8), canvas_length=size * size + 1, layout="boxes")

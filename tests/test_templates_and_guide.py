@@ -10,17 +10,17 @@ from dgtune.tasks.sudoku_task import SudokuTask
 def test_sudoku_guide_flags_exactly_the_clashing_cells(tiny):
     _, tok = tiny
     task = SudokuTask(4, (6, 8), None, canvas_length=24)
-    guide = task.make_guide(tok)
+    guide = task.make_guide(tok, [{}])
     grid = "1234341221434321"
     ids = torch.tensor([tok(grid, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * 8])
     fixed = torch.ones_like(ids, dtype=torch.bool)
-    assert not guide(ids, fixed).any()  # a valid grid has no clash
+    assert not guide(ids, fixed, torch.arange(1)).any()  # a valid grid has no clash
     bad = ids.clone()
     bad[0, 1] = ids[0, 0]  # 1134 / 3412 / 2143 / 4321: cell 1 clashes with cell 0 (row) and cell 9 (column)
-    assert guide(bad, fixed)[0].nonzero().flatten().tolist() == [0, 1, 9]
+    assert guide(bad, fixed, torch.arange(1))[0].nonzero().flatten().tolist() == [0, 1, 9]
     partly = fixed.clone()
     partly[0, 0] = False  # a cell that is not fixed neither clashes nor is flagged
-    assert guide(bad, partly)[0].nonzero().flatten().tolist() == [1, 9]
+    assert guide(bad, partly, torch.arange(1))[0].nonzero().flatten().tolist() == [1, 9]
 
 
 def test_template_tokens_are_clamped_and_guided_sampling_runs(tiny):
@@ -33,7 +33,7 @@ def test_template_tokens_are_clamped_and_guided_sampling_runs(tiny):
     template = task.template_tensor(tok, rows)
     assert template.shape == (6, 24) and ((template >= 0).sum(-1) == torch.tensor([r["givens"] for r in rows])).all()
     for strategy in ("entropy_bound", "topk_confidence", "threshold"):
-        for guide in (None, task.make_guide(tok)):
+        for guide in (None, task.make_guide(tok, rows)):
             cfg = SamplerConfig(max_steps=6, mode="fast", strategy=strategy)
             out = sample(model, prompts, cfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id, 24,
                          row_seeds=torch.arange(6), template=template, guide=guide)
@@ -80,3 +80,48 @@ def test_sample_cli_path_samples_as_eval_does_with_the_template(tiny):
     for bad in (row["prompt"][:-1], row["prompt"].replace("sudoku:", ""), "sudoku:1100" + "0" * 12):
         with pytest.raises(SudokuFormatError):
             task.row_from_prompt(bad)
+
+
+def test_coloring_guide_holds_one_graph_per_row(tiny):
+    """The guide protocol carries the batch's row indices, so rows with different graphs get their own rules
+    (before: `guide(tokens, fixed)` had no row data, and only Sudoku, the same rules for every row, had a guide)."""
+    from dgtune.tasks.coloring import ColoringTask
+
+    _, tok = tiny
+    task = ColoringTask({"v4": {"vertices": 4, "colors": 3}}, use_template=True)
+    rows = [task.row_from_prompt("color:3;ab,bc,cd"), task.row_from_prompt("color:3;ac,bd,cd")]
+    guide = task.make_guide(tok, rows)
+    l = task.canvas_length
+    ids = torch.full((2, l), tok.eos_token_id)
+    ids[:, :8] = torch.tensor(tok("a1b2c1d2", add_special_tokens=False)["input_ids"])  # path a-b-c-d: proper
+    fixed = torch.ones_like(ids, dtype=torch.bool)
+    reject = guide(ids, fixed, torch.arange(2))  # [2, l]
+    assert not reject[0].any()  # proper for row 0's graph
+    assert reject[1].nonzero().flatten().tolist() == [1, 3, 5, 7]  # edges a-c (1 = 1) and b-d (2 = 2) clash in row 1
+    # the fast sampler drops finished rows: `rows` then names which batch rows are left
+    assert reject[1].tolist() == guide(ids[1:], fixed[1:], torch.tensor([1]))[0].tolist()
+    partly = fixed.clone()
+    partly[1, 1] = False  # a's colour not fixed yet: only b-d clashes
+    assert guide(ids, partly, torch.arange(2))[1].nonzero().flatten().tolist() == [3, 7]
+
+
+def test_guided_coloring_eval_runs_per_batch_rows(tiny):
+    """`evaluate(..., guided=True)` builds the guide for each batch's rows; guided rows are graded by the rules."""
+    from dgtune.eval.runner import evaluate
+    from dgtune.tasks.coloring import ColoringTask
+
+    model, tok = tiny
+    task = ColoringTask({"v5": {"vertices": 5, "colors": 3}}, use_template=True)
+    rows = task.build_split("test", 5, seed=0)
+    seen = []
+    make = task.make_guide
+
+    def spy(tokenizer, batch_rows):
+        seen.append([r["prompt"] for r in batch_rows])
+        return make(tokenizer, batch_rows)
+
+    task.make_guide = spy
+    cfg = SamplerConfig(max_steps=3, mode="fast", strategy="topk_margin")
+    records, _ = evaluate(model, tok, task, rows, [3], cfg, 2, 0, "tuned", guided=True)
+    assert sorted(p for batch in seen for p in batch) == sorted(r["prompt"] for r in rows)
+    assert max(len(batch) for batch in seen) == 2 and len(records) == 5

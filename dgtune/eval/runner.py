@@ -60,7 +60,6 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     records, timings = [], {}
     templates = task.template_tensor(tokenizer, rows) if getattr(task, "use_template", False) else None  # [n, l]
-    guide = task.make_guide(tokenizer) if guided else None
     if sampler_cfg.noise == "mask" and sampler_cfg.mask_token_id is None:
         sampler_cfg = SamplerConfig(**{**sampler_cfg.__dict__, "mask_token_id": tokenizer.mask_token_id})
     if getattr(task, "max_canvases", 1) > sampler_cfg.max_canvases:  # answers that span several canvases
@@ -82,6 +81,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 t0 = time.perf_counter()
                 batch = prompts[start : start + batch_size].to(device)
                 template = None if templates is None else templates[chunk].to(device)
+                guide = task.make_guide(tokenizer, [rows[i] for i in chunk]) if guided else None
                 res = sample(model, batch, cfg, g, eos, pad, task.canvas_length, row_seeds=row_seeds,
                              template=template, guide=guide)
                 seconds += time.perf_counter() - t0

@@ -97,6 +97,14 @@ def _sync_every(cfg, device) -> int:
     return cfg.sync_every if cfg.sync_every > 0 else (1 if device.type == "cpu" else 4)
 
 
+def _bind_guide(guide, rows: torch.Tensor, known: torch.Tensor | None):
+    """`guide` (see `dgtune.sampling.guide`) as `strategy_step` calls it, (tokens, fixed) -> reject, for the active
+    `rows` [a]; template positions (`known` [a, l]) count as fixed and are never rejected."""
+    if known is None:
+        return lambda tok, fixed: guide(tok, fixed, rows)
+    return lambda tok, fixed: guide(tok, fixed | known, rows) & ~known
+
+
 @torch.no_grad()
 def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
                         cfg, position_offset: int, mask_id: int | None, template: torch.Tensor | None = None,
@@ -104,8 +112,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b]).
 
     template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
-    as committed. guide: see `strategies.strategy_step`. fused: a `FusedDecoder` (None: transformers' decoder);
-    prompt_kv: its `encode_prompt` output for these rows, used instead of `cache` (then None)."""
+    as committed. guide: a rule guide (`dgtune.sampling.guide`; its rows index `keys`). fused: a `FusedDecoder`
+    (None: transformers' decoder); prompt_kv: its `encode_prompt` output for these rows, used instead of `cache` (then None)."""
     b, l, device = keys.shape[0], canvas_length, keys.device
     positions = torch.arange(position_offset, position_offset + l, device=device)[None]
     init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
@@ -157,7 +165,7 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
             st = StepStats(entropy=st.entropy.masked_fill(k, 0.0), max_prob=st.max_prob.masked_fill(k, 1.0),
                            argmax=torch.where(k, tok, st.argmax), margin=st.margin.masked_fill(k, 1.0),
                            sample=None if st.sample is None else torch.where(k, tok, st.sample))
-        step_guide = guide if tmpl is None or guide is None else (lambda tok, fixed: guide(tok, fixed | tmpl[1]) & ~tmpl[1])
+        step_guide = None if guide is None else _bind_guide(guide, rows, None if tmpl is None else tmpl[1])
         canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id,
                                                   step_guide)
         # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples

@@ -162,7 +162,7 @@ def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch
 
     `row_seeds` [b] (fast path only): one seed per row, so that a row's output does not depend on the batch;
     by default drawn from `generator`. The reference path draws from `generator` like generate() does.
-    `template` [b, l] (known canvas tokens, -1 = free) and `guide` (a rule checker) run on the fast path."""
+    `template` [b, l] (known canvas tokens, -1 = free) and `guide` (a rule checker, `dgtune.sampling.guide`) run on the fast path."""
     if not uses_reference(cfg) or template is not None or guide is not None:
         from dgtune.sampling.fast import sample_fast
 

@@ -149,6 +149,20 @@ class ColoringTask(StructuredTask):
         """The vertex labels at even positions; None = a colour."""
         return [x for i in range(int(row["puzzle"])) for x in (LABELS[i], None)]
 
+    def make_guide(self, tokenizer, rows: list[dict]):
+        """A rule checker for verifier-guided sampling (`dgtune.sampling.guide`), one graph per row: flags fixed
+        colours equal to the fixed colour of a neighbour (vertex i's colour sits at canvas position 2i + 1)."""
+        import torch
+
+        from dgtune.sampling.guide import digit_values, not_equal_guide
+
+        conflict = torch.zeros(len(rows), self.canvas_length, self.canvas_length, dtype=torch.bool)  # [b, l, l]
+        for r, row in enumerate(rows):
+            edges, _, _ = parse_prompt(row["prompt"])
+            for u, v in edges:
+                conflict[r, 2 * u + 1, 2 * v + 1] = conflict[r, 2 * v + 1, 2 * u + 1] = True
+        return not_equal_guide(conflict, digit_values(tokenizer, range(1, 10)))
+
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """The rules (`verify`) and `exact` = the planted colouring itself."""
         edges, _, k = parse_prompt(row["prompt"])

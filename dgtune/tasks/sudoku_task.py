@@ -165,24 +165,15 @@ class SudokuTask:
         sums = torch.einsum("uc,bcd->bud", self.units().to(p.device), p)  # [b, 3n, n]
         return ((sums - 1.0) ** 2).mean()
 
-    def make_guide(self, tokenizer):
-        """A rule checker for verifier-guided sampling: `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]`
-        flags fixed cells whose digit repeats the digit of another fixed cell in its row, column or box."""
+    def make_guide(self, tokenizer, rows: list[dict]):
+        """A rule checker for verifier-guided sampling (`dgtune.sampling.guide`): flags fixed cells whose digit
+        repeats the digit of another fixed cell in its row, column or box (the same rules for every row)."""
+        from dgtune.sampling.guide import digit_values, not_equal_guide
+
         pos = torch.tensor(self.cell_positions)  # [c] canvas positions of the cells
-        digit_of = torch.zeros(len(tokenizer), dtype=torch.long)
-        for d in range(1, self.size + 1):
-            digit_of[tokenizer.convert_tokens_to_ids(str(d))] = d
-        peers = self.peers()
-
-        def guide(tokens: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-            at = pos.to(tokens.device)
-            d = digit_of.to(tokens.device)[tokens[:, at]] * fixed[:, at]  # [b, n*n], 0 = not fixed / no digit
-            clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & peers.to(tokens.device)  # [b, c, c]
-            reject = torch.zeros_like(fixed)
-            reject[:, at] = clash.any(-1)
-            return reject
-
-        return guide
+        conflict = torch.zeros(self.canvas_length, self.canvas_length, dtype=torch.bool)  # [l, l]
+        conflict[pos[:, None], pos[None, :]] = self.peers()
+        return not_equal_guide(conflict, digit_values(tokenizer, range(1, self.size + 1)))
 
     def template_tensor(self, tokenizer, rows: list[dict]) -> torch.Tensor:
         """Templates of `rows` as token ids [b, canvas_length] (-1 = free)."""

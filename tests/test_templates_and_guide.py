@@ -103,6 +103,25 @@ def test_coloring_guide_holds_one_graph_per_row(tiny):
     partly = fixed.clone()
     partly[1, 1] = False  # a's colour not fixed yet: only b-d clashes
     assert guide(ids, partly, torch.arange(2))[1].nonzero().flatten().tolist() == [3, 7]
+    # before a step chooses: the values a position cannot take, given its fixed neighbours (row 1: a-c, b-d, c-d)
+    only_a = torch.zeros_like(fixed)
+    only_a[:, 1] = True  # a = 1 fixed
+    forbid = guide.forbidden(ids, only_a, torch.arange(2))  # [2, l, vocab]
+    one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+    assert forbid[1, 5].nonzero().flatten().tolist() == [one]  # c (position 5) is a's neighbour in row 1
+    assert not forbid[0, 5].any() and forbid[0, 3].nonzero().flatten().tolist() == [one]  # row 0: b is
+    assert not forbid[:, 1].any()  # a's own colour is not constrained by itself
+    # a dead end (every value 1..9 taken by neighbours) forbids nothing rather than every value
+    star = ColoringTask({"v10": {"vertices": 10, "colors": 9}})
+    hub = star.row_from_prompt("color:9;" + ",".join("a" + x for x in "bcdefghij"))
+    g = star.make_guide(tok, [hub])
+    ids10 = torch.tensor([tok("a0b1c2d3e4f5g6h7i8j9", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    fixed10 = torch.ones_like(ids10, dtype=torch.bool)
+    fixed10[0, 1] = False
+    assert not g.forbidden(ids10, fixed10, torch.arange(1))[0, 1].any()
+    fixed10[0, 3] = False  # b free again: a may not take 2..9 but may take 1
+    taken = g.forbidden(ids10, fixed10, torch.arange(1))[0, 1].nonzero().flatten().tolist()
+    assert taken == sorted(tok.convert_tokens_to_ids(str(d)) for d in range(2, 10))
 
 
 def test_guided_coloring_eval_runs_per_batch_rows(tiny):

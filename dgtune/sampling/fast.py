@@ -155,7 +155,10 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
         sample_keys = rng.position_keys(sk[:, rng.SAMPLE], l).view(-1) if need_sample else None
-        st = step_stats(raw.view(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
+        choose = raw
+        if guide is not None and hasattr(guide, "forbidden") and cfg.strategy != "entropy_bound":
+            choose = raw.masked_fill(guide.forbidden(canvas, committed, rows), float("-inf"))  # [a, l, v]
+        st = step_stats(choose.reshape(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
         st = StepStats(*(x.view(a, l) if x is not None else None for x in st))
         pos_keys = {"renoise": rng.position_keys(sk[:, rng.RENOISE], l) if mask_id is None else sk[:, :1],
                     "score": rng.position_keys(sk[:, rng.SCORE], l) if cfg.strategy == "topk_random" else None}

@@ -3,30 +3,59 @@
 Protocol (what `sample(..., guide=)` takes): `guide(tokens [a, l], fixed [a, l], rows [a]) -> reject [a, l]`,
 where `rows` are the indices, in the batch given to `sample`, of the `a` rows still being denoised (the fast
 sampler drops finished rows), so a guide can hold different constraints for every row (a graph per prompt).
-A task builds one with `make_guide(tokenizer, rows)` for the rows of one batch.
+A task builds one with `make_guide(tokenizer, rows)` for the rows of one batch. A guide may also have
+`forbidden(tokens, fixed, rows) -> bool [a, l, vocab]`: the top-k strategies then never choose a forbidden token
+(its logit is -inf for the step's choice; the self-conditioning input keeps the model's own logits), so a vetoed
+value is not drawn again.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def not_equal_guide(conflict: torch.Tensor, value_of: torch.Tensor):
+class NotEqualGuide:
     """The guide of "these canvas positions hold different values" (Sudoku peers, the ends of a graph edge).
 
     conflict: bool [b, l, l] (one matrix per row of the batch) or [l, l] (the same for every row), symmetric;
-    value_of: long [vocab] mapping a token id to its value, 0 = no value (never clashes). The guide flags every
-    fixed position whose value equals the value of a fixed position it conflicts with (both ends are flagged)."""
-    conflict, value_of = conflict.bool(), value_of.long()
+    value_of: long [vocab] mapping a token id to its value, 0 = no value (never clashes). Called as a guide it flags
+    every fixed position whose value equals the value of a fixed position it conflicts with (both ends);
+    `forbidden` says, before a step chooses, which tokens each position cannot take (constrained decoding)."""
 
-    def guide(tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        c = conflict.to(tokens.device)
-        c = c[rows.to(tokens.device)] if c.dim() == 3 else c[None]  # [a, l, l] or [1, l, l]
-        d = value_of.to(tokens.device)[tokens] * fixed  # [a, l], 0 = not fixed / no value
+    def __init__(self, conflict: torch.Tensor, value_of: torch.Tensor):
+        self.conflict, self.value_of = conflict.bool(), value_of.long()
+
+    def _rows(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.conflict.to(device)
+        return (c[rows.to(device)] if c.dim() == 3 else c[None]), self.value_of.to(device)  # [a|1, l, l], [vocab]
+
+    def __call__(self, tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """reject [a, l]: fixed positions whose value clashes with a fixed conflicting position."""
+        c, value_of = self._rows(rows, tokens.device)
+        d = value_of[tokens] * fixed  # [a, l], 0 = not fixed / no value
         clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & c  # [a, l, l]
         return clash.any(-1)
 
-    return guide
+    def forbidden(self, tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """bool [a, l, vocab]: value tokens equal to the value of a fixed conflicting position. A position whose
+        every value is taken (a dead end) forbids nothing: the veto and the verifier then judge it."""
+        c, value_of = self._rows(rows, tokens.device)
+        n_values = int(value_of.max()) + 1
+        d = value_of[tokens] * fixed  # [a, l]
+        held = F.one_hot(d, n_values).float()  # [a, l, n_values]
+        taken = torch.einsum("aij,ajk->aik", c.float().expand(d.shape[0], -1, -1), held)[..., 1:] > 0  # [a, l, K]
+        present = torch.zeros(n_values - 1, dtype=torch.bool, device=tokens.device)
+        present[value_of[value_of > 0] - 1] = True  # values some token has
+        dead = (taken | ~present).all(-1, keepdim=True)  # [a, l, 1]
+        taken = taken & ~dead
+        is_value = value_of > 0  # [vocab]
+        return taken[..., (value_of - 1).clamp(min=0)] & is_value  # [a, l, vocab]
+
+
+def not_equal_guide(conflict: torch.Tensor, value_of: torch.Tensor) -> NotEqualGuide:
+    """A `NotEqualGuide` (see there) for these conflicts and token values."""
+    return NotEqualGuide(conflict, value_of)
 
 
 def digit_values(tokenizer, digits: range) -> torch.Tensor:

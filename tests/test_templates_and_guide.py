@@ -111,17 +111,18 @@ def test_coloring_guide_holds_one_graph_per_row(tiny):
     assert forbid[1, 5].nonzero().flatten().tolist() == [one]  # c (position 5) is a's neighbour in row 1
     assert not forbid[0, 5].any() and forbid[0, 3].nonzero().flatten().tolist() == [one]  # row 0: b is
     assert not forbid[:, 1].any()  # a's own colour is not constrained by itself
-    # a dead end (every value 1..9 taken by neighbours) forbids nothing rather than every value
-    star = ColoringTask({"v10": {"vertices": 10, "colors": 9}})
-    hub = star.row_from_prompt("color:9;" + ",".join("a" + x for x in "bcdefghij"))
+    # a dead end (all k colours taken by neighbours) forbids nothing rather than every colour (which would push the
+    # position to a non-colour token); 4..9 are no colours of a 3-colouring
+    star = ColoringTask({"v4": {"vertices": 4, "colors": 3}})
+    hub = star.row_from_prompt("color:3;ab,ac,ad")
     g = star.make_guide(tok, [hub])
-    ids10 = torch.tensor([tok("a0b1c2d3e4f5g6h7i8j9", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
-    fixed10 = torch.ones_like(ids10, dtype=torch.bool)
-    fixed10[0, 1] = False
-    assert not g.forbidden(ids10, fixed10, torch.arange(1))[0, 1].any()
-    fixed10[0, 3] = False  # b free again: a may not take 2..9 but may take 1
-    taken = g.forbidden(ids10, fixed10, torch.arange(1))[0, 1].nonzero().flatten().tolist()
-    assert taken == sorted(tok.convert_tokens_to_ids(str(d)) for d in range(2, 10))
+    ids4 = torch.tensor([tok("a0b1c2d3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    fixed4 = torch.ones_like(ids4, dtype=torch.bool)
+    fixed4[0, 1] = False
+    assert not g.forbidden(ids4, fixed4, torch.arange(1))[0, 1].any()
+    fixed4[0, 3] = False  # b free again: a may not take 2 or 3 but may take 1
+    taken = g.forbidden(ids4, fixed4, torch.arange(1))[0, 1].nonzero().flatten().tolist()
+    assert taken == sorted(tok.convert_tokens_to_ids(str(d)) for d in (2, 3))
 
 
 def test_guided_coloring_eval_runs_per_batch_rows(tiny):

@@ -157,11 +157,14 @@ class ColoringTask(StructuredTask):
         from dgtune.sampling.guide import digit_values, not_equal_guide
 
         conflict = torch.zeros(len(rows), self.canvas_length, self.canvas_length, dtype=torch.bool)  # [b, l, l]
+        colours = 2
         for r, row in enumerate(rows):
-            edges, _, _ = parse_prompt(row["prompt"])
+            edges, _, k = parse_prompt(row["prompt"])
+            colours = max(colours, k)
             for u, v in edges:
                 conflict[r, 2 * u + 1, 2 * v + 1] = conflict[r, 2 * v + 1, 2 * u + 1] = True
-        return not_equal_guide(conflict, digit_values(tokenizer, range(1, 10)))
+        # values = the colours 1..k, so a vertex whose k colours are all taken is a dead end (nothing forbidden)
+        return not_equal_guide(conflict, digit_values(tokenizer, range(1, colours + 1)))
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """The rules (`verify`) and `exact` = the planted colouring itself."""

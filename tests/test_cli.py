@@ -175,3 +175,15 @@ def test_sweep_runs_share_a_wandb_group(tmp_path):
     assert all(list((run / "wandb").glob("offline-run-*")) for run in runs)
     assert infos[0]["group"] and infos[0]["group"] == infos[1]["group"] and infos[0]["id"] != infos[1]["id"]
     assert {i["mode"] for i in infos} == {"offline"}
+
+
+@needs_base
+def test_coloring_recipe_reports_guided_curves_for_base_and_tuned(tmp_path):
+    """`recipe=coloring` turns `eval.guided` on: the report carries the +verifier curve of the tuned model and of the
+    base through the same per-row guide (before: only the tuned model's, so nothing showed what the rules alone give)."""
+    run_cli("dgtune.train", ["recipe=coloring", "trainer.max_steps=2", "eval.steps=[2]", "eval.quick_every=0",
+                             "run_dir=run", *SMALL], tmp_path)
+    rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
+    assert {(r["model"], r["sampler"]) for r in rows} == {(m, s) for m in ("base", "tuned")
+                                                         for s in ("topk_margin", "topk_margin+verifier")}
+    assert {r["bucket"] for r in rows} == {"all", "v6", "v8", "v10"}

@@ -65,6 +65,7 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     bars = bool(cfg.get("trainer", {}).get("progress_bar", True))
     records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name,
                                 progress=bars)
+    guided = bool(cfg.eval.get("guided"))  # verifier-guided renoising: its own curve, never mixed into the plain one
     if cfg.eval.compare_base:
         if base_model is not None:
             ctx, base = nullcontext(), base_model
@@ -82,8 +83,12 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
         with ctx:
             r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name,
                               progress=bars)
+            if guided:  # the base through the same guide: what the rules alone give without the fine-tune
+                r4, t4 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base",
+                                  f"{name}+verifier", guided=True, progress=bars)
+                r2, t2 = r2 + r4, {**t2, **t4}
         records, timings = r2 + records, {**t2, **timings}
-    if cfg.eval.get("guided"):  # verifier-guided renoising: its own curve, never mixed into the plain one
+    if guided:
         r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",
                           f"{name}+verifier", guided=True, progress=bars)
         records, timings = records + r3, {**timings, **t3}

@@ -105,11 +105,12 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     return str(paths["json"])
 
 
-def load_run(run_dir: Path, cfg: DictConfig):
-    """(tuned model, tokenizer, base model or None) for a finished run: base + adapter unmerged, or a full model."""
+def load_run(run_dir: Path, cfg: DictConfig, weights: Path | None = None):
+    """(tuned model, tokenizer, base model or None) for a finished run: base + adapter unmerged, or a full model;
+    from `RUN_DIR/final`, or from `weights` (e.g. a checkpoint's `weights/` folder)."""
     from dgtune.models.load import load_model
 
-    final = run_dir / "final"
+    final = Path(weights) if weights is not None else run_dir / "final"
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -106,11 +106,16 @@ def test_coloring_guide_holds_one_graph_per_row(tiny):
     # before a step chooses: the values a position cannot take, given its fixed neighbours (row 1: a-c, b-d, c-d)
     only_a = torch.zeros_like(fixed)
     only_a[:, 1] = True  # a = 1 fixed
-    forbid = guide.forbidden(ids, only_a, torch.arange(2))  # [2, l, vocab]
-    one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
-    assert forbid[1, 5].nonzero().flatten().tolist() == [one]  # c (position 5) is a's neighbour in row 1
-    assert not forbid[0, 5].any() and forbid[0, 3].nonzero().flatten().tolist() == [one]  # row 0: b is
-    assert not forbid[:, 1].any()  # a's own colour is not constrained by itself
+    value_ids, taken = guide.forbidden(ids, only_a, torch.arange(2))  # [k], [2, l, k]
+
+    def forbid(taken, row, pos):
+        return sorted(value_ids[taken[row, pos]].tolist())
+
+    one = tok.convert_tokens_to_ids("1")
+    assert sorted(value_ids.tolist()) == sorted(tok.convert_tokens_to_ids(str(d)) for d in (1, 2, 3))  # the colours
+    assert forbid(taken, 1, 5) == [one]  # c (position 5) is a's neighbour in row 1
+    assert forbid(taken, 0, 5) == [] and forbid(taken, 0, 3) == [one]  # in row 0, b is
+    assert not taken[:, 1].any()  # a's own colour is not constrained by itself
     # a dead end (all k colours taken by neighbours) forbids nothing rather than every colour (which would push the
     # position to a non-colour token); 4..9 are no colours of a 3-colouring
     star = ColoringTask({"v4": {"vertices": 4, "colors": 3}})
@@ -119,10 +124,11 @@ def test_coloring_guide_holds_one_graph_per_row(tiny):
     ids4 = torch.tensor([tok("a0b1c2d3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     fixed4 = torch.ones_like(ids4, dtype=torch.bool)
     fixed4[0, 1] = False
-    assert not g.forbidden(ids4, fixed4, torch.arange(1))[0, 1].any()
+    value_ids, taken = g.forbidden(ids4, fixed4, torch.arange(1))
+    assert forbid(taken, 0, 1) == []
     fixed4[0, 3] = False  # b free again: a may not take 2 or 3 but may take 1
-    taken = g.forbidden(ids4, fixed4, torch.arange(1))[0, 1].nonzero().flatten().tolist()
-    assert taken == sorted(tok.convert_tokens_to_ids(str(d)) for d in (2, 3))
+    value_ids, taken = g.forbidden(ids4, fixed4, torch.arange(1))
+    assert forbid(taken, 0, 1) == sorted(tok.convert_tokens_to_ids(str(d)) for d in (2, 3))
 
 
 def test_guided_coloring_eval_runs_per_batch_rows(tiny):

@@ -113,7 +113,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
 
     template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
     as committed. guide: a rule guide (`dgtune.sampling.guide`; its rows index `keys`). fused: a `FusedDecoder`
-    (None: transformers' decoder); prompt_kv: its `encode_prompt` output for these rows, used instead of `cache` (then None)."""
+    (None: transformers' decoder); prompt_kv: its `encode_prompt` output for these rows, used instead of `cache`
+    (then None)."""
     b, l, device = keys.shape[0], canvas_length, keys.device
     positions = torch.arange(position_offset, position_offset + l, device=device)[None]
     init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
@@ -155,10 +156,14 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
         sample_keys = rng.position_keys(sk[:, rng.SAMPLE], l).view(-1) if need_sample else None
-        choose = raw
+        held = None  # a guide's value columns of `raw` as the model gave them, masked for this step's choice only
         if guide is not None and hasattr(guide, "forbidden") and cfg.strategy != "entropy_bound":
-            choose = raw.masked_fill(guide.forbidden(canvas, committed, rows), float("-inf"))  # [a, l, v]
-        st = step_stats(choose.reshape(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
+            ids, taken = guide.forbidden(canvas, committed, rows)  # [k], [a, l, k]
+            held = raw[..., ids]  # [a, l, k] (a copy)
+            raw[..., ids] = held.masked_fill(taken, float("-inf"))
+        st = step_stats(raw.view(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
+        if held is not None:
+            raw[..., ids] = held  # the self-conditioning input keeps the model's own logits
         st = StepStats(*(x.view(a, l) if x is not None else None for x in st))
         pos_keys = {"renoise": rng.position_keys(sk[:, rng.RENOISE], l) if mask_id is None else sk[:, :1],
                     "score": rng.position_keys(sk[:, rng.SCORE], l) if cfg.strategy == "topk_random" else None}

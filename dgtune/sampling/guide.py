@@ -4,9 +4,9 @@ Protocol (what `sample(..., guide=)` takes): `guide(tokens [a, l], fixed [a, l],
 where `rows` are the indices, in the batch given to `sample`, of the `a` rows still being denoised (the fast
 sampler drops finished rows), so a guide can hold different constraints for every row (a graph per prompt).
 A task builds one with `make_guide(tokenizer, rows)` for the rows of one batch. A guide may also have
-`forbidden(tokens, fixed, rows) -> bool [a, l, vocab]`: the top-k strategies then never choose a forbidden token
-(its logit is -inf for the step's choice; the self-conditioning input keeps the model's own logits), so a vetoed
-value is not drawn again.
+`forbidden(tokens, fixed, rows) -> (ids [k], taken [a, l, k])`: the top-k strategies then never choose a value
+token a position may not take (its logit is -inf for the step's choice; the self-conditioning input keeps the
+model's own logits), so a vetoed value is not drawn again.
 """
 
 from __future__ import annotations
@@ -37,20 +37,20 @@ class NotEqualGuide:
         clash = (d[:, :, None] == d[:, None, :]) & (d[:, :, None] > 0) & c  # [a, l, l]
         return clash.any(-1)
 
-    def forbidden(self, tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """bool [a, l, vocab]: value tokens equal to the value of a fixed conflicting position. A position whose
-        every value is taken (a dead end) forbids nothing: the veto and the verifier then judge it."""
+    def forbidden(self, tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor):
+        """(ids [k], taken bool [a, l, k]): the k value tokens, and which of them each position may not take because
+        a fixed conflicting position holds that value. A position whose every value is taken (a dead end) forbids
+        nothing: the veto and the verifier then judge it. [a, l, k], not [a, l, vocab]: a 262k vocabulary stays
+        out of it."""
         c, value_of = self._rows(rows, tokens.device)
+        ids = (value_of > 0).nonzero().squeeze(1)  # [k] the value tokens
         n_values = int(value_of.max()) + 1
-        d = value_of[tokens] * fixed  # [a, l]
+        d = value_of[tokens] * fixed  # [a, l], 0 = not fixed / no value
         held = F.one_hot(d, n_values).float()  # [a, l, n_values]
-        taken = torch.einsum("aij,ajk->aik", c.float().expand(d.shape[0], -1, -1), held)[..., 1:] > 0  # [a, l, K]
-        present = torch.zeros(n_values - 1, dtype=torch.bool, device=tokens.device)
-        present[value_of[value_of > 0] - 1] = True  # values some token has
-        dead = (taken | ~present).all(-1, keepdim=True)  # [a, l, 1]
-        taken = taken & ~dead
-        is_value = value_of > 0  # [vocab]
-        return taken[..., (value_of - 1).clamp(min=0)] & is_value  # [a, l, vocab]
+        taken = torch.einsum("aij,ajk->aik", c.float().expand(d.shape[0], -1, -1), held) > 0  # [a, l, n_values]
+        taken = taken[..., value_of[ids]]  # [a, l, k] per value token
+        dead = taken.all(-1, keepdim=True)  # [a, l, 1]
+        return ids, taken & ~dead
 
 
 def not_equal_guide(conflict: torch.Tensor, value_of: torch.Tensor) -> NotEqualGuide:

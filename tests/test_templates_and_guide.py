@@ -151,3 +151,29 @@ def test_guided_coloring_eval_runs_per_batch_rows(tiny):
     records, _ = evaluate(model, tok, task, rows, [3], cfg, 2, 0, "tuned", guided=True)
     assert sorted(p for batch in seen for p in batch) == sorted(r["prompt"] for r in rows)
     assert max(len(batch) for batch in seen) == 2 and len(records) == 5
+
+
+def test_forbidden_values_are_never_chosen_and_only_for_their_rows(tiny):
+    """A guide's `forbidden` masks the step's choice (top-k strategies) in the rows it names; the other rows sample
+    as without a guide. Before: a vetoed value could be drawn again at once, the guide only looked after."""
+    model, tok = tiny
+    prompts = torch.tensor([tok("ab", add_special_tokens=False)["input_ids"]] * 2)
+    cfg = SamplerConfig(max_steps=4, mode="fast", strategy="topk_margin")
+
+    def draw(guide):
+        return sample(model, prompts, cfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id, 12,
+                      row_seeds=torch.arange(2), guide=guide).tokens
+
+    plain = draw(None)
+    x = next(int(t) for t in plain[0] if t not in (tok.pad_token_id, tok.eos_token_id))  # a token row 0 draws
+
+    class OnlyRow0:
+        def __call__(self, tokens, fixed, rows):
+            return torch.zeros_like(fixed)
+
+        def forbidden(self, tokens, fixed, rows):
+            return torch.tensor([x]), (rows == 0)[:, None, None].expand(-1, tokens.shape[1], 1)
+
+    guided = draw(OnlyRow0())
+    assert (plain[0] == x).any() and not (guided[0] == x).any()
+    assert torch.equal(guided[1], plain[1])

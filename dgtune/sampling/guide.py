@@ -25,10 +25,14 @@ class NotEqualGuide:
 
     def __init__(self, conflict: torch.Tensor, value_of: torch.Tensor):
         self.conflict, self.value_of = conflict.bool(), value_of.long()
+        self.ids = (self.value_of > 0).nonzero().squeeze(1)  # [k] the value tokens
+        self.n_values = int(self.value_of.max()) + 1  # (read once here, not a host sync every sampler step)
 
     def _rows(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.conflict.to(device)
-        return (c[rows.to(device)] if c.dim() == 3 else c[None]), self.value_of.to(device)  # [a|1, l, l], [vocab]
+        if self.conflict.device != device:  # moved once, not copied to the device every step
+            self.conflict, self.value_of, self.ids = (x.to(device) for x in (self.conflict, self.value_of, self.ids))
+        c = self.conflict
+        return (c[rows.to(device)] if c.dim() == 3 else c[None]), self.value_of  # [a|1, l, l], [vocab]
 
     def __call__(self, tokens: torch.Tensor, fixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """reject [a, l]: fixed positions whose value clashes with a fixed conflicting position."""
@@ -43,10 +47,9 @@ class NotEqualGuide:
         nothing: the veto and the verifier then judge it. [a, l, k], not [a, l, vocab]: a 262k vocabulary stays
         out of it."""
         c, value_of = self._rows(rows, tokens.device)
-        ids = (value_of > 0).nonzero().squeeze(1)  # [k] the value tokens
-        n_values = int(value_of.max()) + 1
+        ids = self.ids
         d = value_of[tokens] * fixed  # [a, l], 0 = not fixed / no value
-        held = F.one_hot(d, n_values).float()  # [a, l, n_values]
+        held = F.one_hot(d, self.n_values).float()  # [a, l, n_values]
         taken = torch.einsum("aij,ajk->aik", c.float().expand(d.shape[0], -1, -1), held) > 0  # [a, l, n_values]
         taken = taken[..., value_of[ids]]  # [a, l, k] per value token
         dead = taken.all(-1, keepdim=True)  # [a, l, 1]

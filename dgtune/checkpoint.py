@@ -17,6 +17,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj) -> None:
+    """Write `obj` as indented JSON to `path` atomically (a temporary file, then a rename)."""
+    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
     """Write `checkpoints/step_<N>` via a temporary folder and a rename, then point `checkpoints/latest` at it and
     keep the newest `keep` checkpoints (0 = all). A failed write (disk full, non-finite weights) removes the

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgtune.checkpoint import resume_state, save_checkpoint, save_weights
+from dgtune.checkpoint import resume_state, save_checkpoint, save_weights, write_json
 from dgtune.data import batch_indices, collate_train, encode_rows, splits_for
 from dgtune.diffusion.loss import DenoisingLoss
 from dgtune.diffusion.model_calls import unwrap
@@ -29,6 +29,7 @@ from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.checkpointing import enable_gradient_checkpointing
 from dgtune.models.load import load_model
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir, sweep_group
+from dgtune.runtime import accelerator_session, environment, resolve_precision
 from dgtune.tasks import build_task
 from dgtune.tracking import Tracker, trim_metrics
 from dgtune.validate import (CheckpointError, NonFiniteError, check_config, check_inputs, cli_errors,
@@ -72,13 +73,8 @@ def freeze_router(model) -> int:
 
 
 def mixed_precision(cfg: DictConfig) -> str:
-    """`trainer.mixed_precision`: 'auto' picks bf16 on GPUs and on CPUs with bf16 support, else 'no'."""
-    mp = cfg.trainer.mixed_precision
-    if mp != "auto":
-        return mp
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "no"
+    """`trainer.mixed_precision` as accelerate takes it: 'auto' resolved by `dgtune.runtime.resolve_precision`."""
+    return resolve_precision(cfg.trainer.mixed_precision, cfg.trainer.device)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -92,18 +88,23 @@ def train(cfg: DictConfig) -> dict:
     (test file, model folder); the run folder is then locked (`<run_dir>/.dgtune.lock`) while training runs."""
     check_config(cfg)
     quiet_third_party()
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     tc = cfg.trainer
-    accelerator = Accelerator(
+    # This call's own accelerate state: a later train() in the same process may use another precision or device.
+    with accelerator_session(
         mixed_precision=mixed_precision(cfg), cpu=tc.device == "cpu",
         # Not every parameter gets a gradient every step (MoE experts no token was routed to; with
         # objective.ar_weight=0 the encoder's last layer; the vision tower in a full fine-tune).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                          InitProcessGroupKwargs(timeout=timedelta(minutes=tc.dist_timeout_min))],
-    )
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    ) as accelerator:
+        return _setup_and_train(cfg, accelerator)
+
+
+def _setup_and_train(cfg: DictConfig, accelerator) -> dict:
+    """Inputs checked and read, the run folder chosen and locked, then `_train`."""
+    main, world = accelerator.is_main_process, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:  # e.g. torchrun on a machine without GPUs and trainer.device=auto: each would train alone
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {world} process(es) "
@@ -179,15 +180,24 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
             if dropped:
                 accelerator.print(f"[dgtune] metrics.jsonl: dropped {dropped} record(s) logged after step "
                                   f"{state['step']} by the interrupted run")
+    precision = accelerator.mixed_precision
+    if state.get("precision", precision) != precision:
+        accelerator.print(f"[dgtune] warning: resuming a run trained with mixed_precision={state['precision']} "
+                          f"under {precision} (trainer.mixed_precision={tc.mixed_precision}): the rest of the run "
+                          f"will not match an uninterrupted one")
+    state["precision"] = precision
+    env = environment(precision)
     if main:
         OmegaConf.save(cfg, run_dir / "config.yaml")
-    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir.name,
-                      sweep_group(cfg), state.get("wandb_id"), enabled=main)
+        write_json(run_dir / "environment.json", env)
+    tracker = Tracker(run_dir, cfg.logger, {**OmegaConf.to_container(cfg, resolve=True), "environment": env},
+                      run_dir.name, sweep_group(cfg), state.get("wandb_id"), enabled=main)
     state["wandb_id"] = tracker.run_id
     n_train = "fresh" if fresh else len(train_items)
     accelerator.print(f"[dgtune] run_dir={run_dir} trainable={n_trainable:,} params, train={n_train} "
                       f"examples, processes={world}, batch={tc.batch_size}/process ({global_batch} per micro-step), "
-                      f"mixed_precision={accelerator.mixed_precision}")
+                      f"mixed_precision={precision} ({env['cpu'] if env['gpu'] is None else env['gpu']}, "
+                      f"{env['torch_threads']} torch threads)")
 
     # The loop
     loss_fn.train()
@@ -266,7 +276,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     if cfg.eval.quick_every and main and not evaluated:  # the learning curve's last point: the final weights
         tracker.log(quick_eval(inner, tokenizer, task, splits["val"], cfg, run_dir, step,
                                step * global_batch * tc.grad_accum), step)
-    summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60}
+    summary = {"run_dir": str(run_dir), "steps": step, "loss": loss, "train_minutes": state["elapsed_s"] / 60,
+               "precision": precision}
     if main:
         save_weights(inner, tokenizer, run_dir / "final")
         from dgtune.export import write_generation_config
@@ -277,7 +288,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
             from dgtune.eval.__main__ import run_report
 
             summary["report"] = run_report(inner, tokenizer, task, splits, cfg, run_dir, tracker,
-                                           meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step})
+                                           meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step,
+                                                 "train_precision": precision, "train_environment": env})
         tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.print(f"[dgtune] done: {run_dir} ({step} steps, {summary['train_minutes']:.1f} min); weights: "

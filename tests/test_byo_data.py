@@ -13,6 +13,8 @@ from dgtune.data import collate_train, encode_rows, prompt_ids, row_prompt
 from dgtune.tasks import build_task
 from dgtune.tasks.files import FileTask
 
+pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
+
 CHATS = [
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add:1+2"},
      {"role": "assistant", "content": "3"}, {"role": "user", "content": "add:30+4"},

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "dgtune" / "assets" / "tiny-diffusiongemma" / "model.safetensors"
 needs_base = pytest.mark.skipif(not BUNDLED.exists(), reason="bundled base not built")

@@ -19,7 +19,7 @@ from dgtune.validate import CheckpointError, ConfigError, InputError, NonFiniteE
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = ROOT / "dgtune" / "assets" / "tiny-diffusiongemma"
-pytestmark = pytest.mark.skipif(not (BUNDLED_DIR / "model.safetensors").exists(), reason="bundled base not built")
+pytestmark = [pytest.mark.trains, pytest.mark.skipif(not (BUNDLED_DIR / "model.safetensors").exists(), reason="bundled base not built")]
 
 SMALL = ["task=sudoku4", "trainer.max_steps=2", "trainer.batch_size=4", "task.n_train=16", "task.n_val=4", "task.n_test=4", "eval.steps=[1]",
          "eval.quick_every=0", "eval.batch_size=8", "trainer.progress_bar=false", "trainer.log_every=1",

@@ -156,11 +156,15 @@ def test_trained_on_blocks_the_model_samples_its_multi_canvas_answers(tiny_short
         for row, it in zip(rows, items):
             prompt = torch.tensor([it["prompt"]])
             res = sample(model, prompt, cfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id, L,
-                         row_seeds=torch.tensor([7]))
+                         row_seeds=None if mode == "reference" else torch.tensor([7]))
             assert res.tokens.shape[1] == it["n_blocks"] * L, mode  # as many canvases as the answer needs
+            if mode == "reference":  # generate()'s draws, token for token, on whatever kernels this CPU has
+                torch.manual_seed(0)
+                ref = model.generate(prompt, max_new_tokens=3 * L, max_denoising_steps=16, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id).sequences[:, prompt.shape[1]:]
+                assert torch.equal(ref, res.tokens), (row["response"], ref, res.tokens)
+            # Learned: the memorised answer, up to a near-tie of this small overfit model, which may go either way
+            # with another CPU's kernels (AVX512-BF16 machines flip one) or the fast mode's own per-row draws.
             text = tok.decode(res.tokens[0], skip_special_tokens=True)
-            if mode == "reference":  # generate()'s draws: exactly the memorised answer
-                assert text == row["response"], mode
-            else:  # its own per-row draws: a near-tie of this small overfit model may go the other way
-                assert len(text) == len(row["response"]), mode
-                assert sum(a == b for a, b in zip(text, row["response"])) >= 0.85 * len(text), (mode, text)
+            assert len(text) == len(row["response"]), (mode, text)
+            assert sum(a == b for a, b in zip(text, row["response"])) >= 0.85 * len(text), (mode, text)

@@ -19,6 +19,8 @@ from dgtune.sampling.fused_decoder import FusedDecoder
 from dgtune.sampling.sampler import SamplerConfig, sample
 from dgtune.train import apply_lora
 
+pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
+
 
 def test_shaped_model_has_the_26b_shape():
     """At the real vocabulary: 5 sliding : 1 full, k=v full layers with their own head dim and KV heads, 128

@@ -13,6 +13,8 @@ from dgtune.eval.curve import append_point, curve_point, read_curve
 from dgtune.tasks import sudoku
 from dgtune.tasks.sudoku_task import SudokuTask
 
+pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
+
 
 def one_hot_digits(grid: str, n: int) -> torch.Tensor:
     """[1, n*n, n] one-hot digit distribution of a full grid."""

@@ -95,8 +95,12 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     table_rows = aggregate(records, timings)
     out_dir = Path(cfg.eval.get("out_dir") or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from dgtune.runtime import environment
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"task": task.name, "test_rows": len(rows), "test_file": cfg.task.get("test_file"), "sampler": name,
-            "model": cfg.model.get("name_or_path") or cfg.model.source, **(meta or {})}
+            "model": cfg.model.get("name_or_path") or cfg.model.source, **(meta or {}),
+            "eval_environment": environment(f"{dtype} weights, no autocast")}
     paths = write_report(out_dir, table_rows, meta)
     print(format_table(table_rows))
     print(f"[dgtune] report: {paths['md']} (table), {paths['json']}, plot: {paths['png']}")
@@ -234,7 +238,19 @@ def _main(argv: list[str] | None = None) -> str:
     if not cfg.task.get("test_file"):
         splits = splits_for(task, cfg)
         require_test_rows(task, splits, cfg)
-    return run_report(tuned, tokenizer, task, splits, cfg, out_dir, None, base_model=base)
+    return run_report(tuned, tokenizer, task, splits, cfg, out_dir, None, base_model=base, meta=training_meta(run_dir))
+
+
+def training_meta(run_dir: Path) -> dict:
+    """What the run's training recorded of its precision and machine (`RUN_DIR/environment.json`), for a report
+    made later; empty for runs saved before it was written."""
+    import json
+
+    path = Path(run_dir) / "environment.json"
+    if not path.exists():
+        return {}
+    env = json.loads(path.read_text())
+    return {"train_precision": env.get("precision"), "train_environment": env}
 
 
 if __name__ == "__main__":

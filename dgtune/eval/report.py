@@ -215,7 +215,8 @@ def write_report(run_dir, rows: list[dict], meta: dict) -> dict[str, Path]:
     _atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
 
     md = ["# dgtune report: accuracy vs denoising steps", ""]
-    md += [f"- **{k}**: {v}" for k, v in meta.items()]
+    md += [f"- **{k}**: " + (", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{v}")
+           for k, v in meta.items()]
     tasks = _tasks(rows)
     for task in tasks:  # one section per task when the run covers several (a mixture), "all" first
         task_rows = [r for r in rows if r.get("task", "all") == task]

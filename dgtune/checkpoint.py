@@ -26,7 +26,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     """Write `checkpoints/step_<N>` via a temporary folder and a rename, then point `checkpoints/latest` at it and
     keep the newest `keep` checkpoints (0 = all). A failed write (disk full, non-finite weights) removes the
     temporary folder and leaves every earlier checkpoint as it was."""
-    from dgtune.validate import SaveError
+    from dgtune.errors import SaveError
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def fix_modes(folder: Path) -> None:
 
 def check_finite(model) -> None:
     """Raise NonFiniteError naming the first trainable tensors that hold NaN or Inf (never save such weights)."""
-    from dgtune.validate import NonFiniteError
+    from dgtune.errors import NonFiniteError
 
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
     if bad:
@@ -172,7 +172,7 @@ def resume_state(run_dir, model, optimizer, scheduler, print_fn=print) -> dict:
             print_fn(f"[dgtune] skipping checkpoint {ckpt}: {problem}")
             continue
         return {**state, "checkpoint": str(ckpt), "skipped": skipped}
-    from dgtune.validate import CheckpointError
+    from dgtune.errors import CheckpointError
 
     raise CheckpointError(f"resume=true but {run_dir}/checkpoints has no complete checkpoint"
                           + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dgtune.errors import InputError
+
 SPLITS = ("train", "val", "test")
 DATA_VERSION = 3  # bump when the rows a task builds change, to invalidate cached splits
 
@@ -82,7 +84,7 @@ def template_ids(tokenizer, template: list[str | None] | None, canvas_length: in
             if piece not in known:
                 tok = tokenizer(piece, add_special_tokens=False)["input_ids"]
                 if len(tok) != 1:
-                    raise ValueError(f"template piece {piece!r} at position {i} is not exactly one token")
+                    raise InputError(f"template piece {piece!r} at position {i} is not exactly one token")
                 known[piece] = tok[0]
             ids[i] = known[piece]
     return ids
@@ -104,7 +106,7 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
         p = list(prompts[key])
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [eos]
         if len(r) > canvas_length * max_canvases:
-            raise ValueError(
+            raise InputError(
                 f"{row.get('source') or f'row {i}'} ({row['task']}): response has {len(r)} tokens with EOS, more than "
                 f"{max_canvases} canvas(es) x canvas_length={canvas_length} (raise task.max_canvases or "
                 f"task.canvas_length)")
@@ -115,7 +117,7 @@ def encode_rows(tokenizer, rows: list[dict], canvas_length: int, task=None) -> l
             item["template"] = template_ids(tokenizer, task.canvas_template(row), canvas_length * n_blocks)
             bad = next((j for j, (t, c) in enumerate(zip(item["template"], item["canvas"])) if 0 <= t != c), None)
             if bad is not None:
-                raise ValueError(f"{row.get('source') or f'row {i}'} ({row['task']}): response token {bad} is "
+                raise InputError(f"{row.get('source') or f'row {i}'} ({row['task']}): response token {bad} is "
                                  f"{tokenizer.decode([item['canvas'][bad]])!r}, the canvas template fixes "
                                  f"{tokenizer.decode([item['template'][bad]])!r} there")
         out.append(item)

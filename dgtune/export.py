@@ -1,4 +1,4 @@
-"""`python -m dgtune.export RUN_DIR OUT_DIR [--merge | --publish]`: package a run's adapter, or merge it into a
+"""`python -m dgtune.export RUN_DIR OUT_DIR [--merge | --publish] [--overwrite]`: package a run's adapter, or merge it into a
 standalone model, or publish the run as a folder that `python -m dgtune.eval OUT_DIR` and plain peft both load.
 
 Without `--merge` the PEFT adapter (adapter_config.json + adapter_model.safetensors) and tokenizer are copied.
@@ -13,6 +13,7 @@ the bundled base's folder name, or `--base-model NAME_OR_PATH`).
 `--publish` writes a run-shaped folder: `final/` (the adapter as above, without peft's placeholder card),
 `config.yaml` (the run's config, its machine paths cleared) and the run's report and learning curve when present;
 the model card (`OUT_DIR/README.md`) is the publisher's to write. It never writes into an existing `OUT_DIR/final`.
+An `OUT_DIR` that already holds weights is refused unless `--overwrite` is given (`--publish` never overwrites).
 """
 
 from __future__ import annotations
@@ -108,12 +109,16 @@ def _main(argv: list[str] | None = None) -> Path:
             opts[a] = next(it, None)
         else:
             args.append(a)
-    merge, publish = "--merge" in args, "--publish" in args
-    args = [a for a in args if a not in ("--merge", "--publish")]
+    merge, publish, overwrite = "--merge" in args, "--publish" in args, "--overwrite" in args
+    args = [a for a in args if a not in ("--merge", "--publish", "--overwrite")]
     if len(args) != 2 or None in opts.values() or (merge and publish):
         print(__doc__)
         raise SystemExit(2)
     run_dir, out = Path(args[0]), Path(args[1])
+    held = weights_in(out)
+    if held and not publish and not overwrite:
+        raise FileExistsError(f"{out} already holds weights ({', '.join(held)}): export into a new folder, or pass "
+                              "--overwrite to replace them")
     final = run_dir / "final"
     if not (final / "adapter_config.json").exists():
         raise FileNotFoundError(f"{final} has no adapter_config.json: not a finished LoRA run")
@@ -138,6 +143,17 @@ def _main(argv: list[str] | None = None) -> Path:
     fix_modes(out)
     print(f"[dgtune] merged model written to {out}")
     return out
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+
+
+def weights_in(folder: Path) -> list[str]:
+    """The weight files already in `folder` (adapter or model, sharded model files included)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name in WEIGHT_FILES or (p.name.startswith("model-") and p.name.endswith(".safetensors")))
 
 
 def copy_adapter(final: Path, out: Path, cfg, base_model: str | None, canvas_length: int, steps: int | None) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dgtune.checkpoint import latest_checkpoint
+from dgtune.errors import InputError
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -30,24 +31,36 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return root / (f"{cfg.run_name}-{suffix}" + (f"-j{job}" if job is not None else ""))
 
 
-def shared_run_dir(cfg: DictConfig, accelerator) -> Path:
-    """The run folder, resolved on the main process and broadcast, so every process uses the same one (the
-    timestamped name could differ between processes); the main process creates it. A resolution error on the
-    main process is raised on every process."""
+def shared_run_dir(cfg: DictConfig, accelerator) -> tuple[Path, bool]:
+    """(the run folder, whether this call created it). Resolved on the main process and broadcast, so every process
+    uses the same one (the timestamped name could differ between processes); the main process creates it. A
+    resolution error on the main process is raised on every process; a folder that cannot be created (no such
+    parent, no permission, a read-only file system) is an InputError naming it."""
     from accelerate.utils import broadcast_object_list
 
-    found = [None, None]  # [path, error message]
+    found = [None, None, False]  # [path, error message, created]
     if accelerator.is_main_process:
         try:
-            found[0] = str(resolve_run_dir(cfg))
-            Path(found[0]).mkdir(parents=True, exist_ok=True)
+            path = resolve_run_dir(cfg)
+            found[0], found[2] = str(path), not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
         except FileNotFoundError as e:
-            found[1] = str(e)
+            found[1] = str(e) if found[0] is None else _cannot_create(found[0], e)
+        except OSError as e:
+            found[1] = _cannot_create(found[0], e)
     if accelerator.num_processes > 1:
         broadcast_object_list(found, from_process=0)
     if found[1] is not None:
+        if found[0] is not None:
+            raise InputError(found[1])
         raise FileNotFoundError(found[1])
-    return Path(found[0])
+    return Path(found[0]), bool(found[2])
+
+
+def _cannot_create(path: str, e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return (f"run_dir={path}: the run folder cannot be created: {e.strerror or e}{where}; choose another run_dir "
+            f"or runs_root")
 
 
 def _hydra_job_num():
@@ -94,7 +107,7 @@ def _pid_alive(pid: int) -> bool:
 def acquire_lock(run_dir: Path) -> Path:
     """Create `<run_dir>/.dgtune.lock` (pid and host of this process), atomically. A lock held by a live process
     raises RunLockedError; one left by a process that is gone (killed) is taken over, with a message."""
-    from dgtune.validate import RunLockedError
+    from dgtune.errors import RunLockedError
 
     path = Path(run_dir) / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}

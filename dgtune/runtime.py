@@ -47,7 +47,7 @@ def resolve_precision(requested: str, device: str = "auto") -> str:
     forced = os.environ.get(AUTO_ENV, "").strip()
     if forced:
         if forced not in PRECISIONS:
-            from dgtune.validate import ConfigError
+            from dgtune.errors import ConfigError
 
             raise ConfigError(f"environment variable {AUTO_ENV}={forced!r} (what trainer.mixed_precision=auto "
                               f"resolves to) must be one of {', '.join(PRECISIONS)}")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 def sample_prompt(model, tokenizer, task, prompt: str, cfg) -> dict:
     """Sample one prompt through the eval path (`dgtune.eval.runner.evaluate` on a one-row list): returns its
     record (`output` text, grade, `nfe`). A task with `row_from_prompt` validates the prompt first."""
-    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling.config import sampler_config
     from dgtune.eval.runner import evaluate
     from dgtune.tasks.base import make_row
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _main(argv: list[str] | None = None) -> str:
-    from dgtune.eval.__main__ import load_run, merge_overrides
+    from dgtune.eval.runs import load_run, merge_overrides
     from dgtune.validate import quiet_third_party
     from dgtune.validate import check_config
     from dgtune.tasks import build_task

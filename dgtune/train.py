@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -27,6 +28,7 @@ from dgtune.diffusion.loss import DenoisingLoss
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.checkpointing import enable_gradient_checkpointing
+from dgtune.models.family import family_of
 from dgtune.models.load import load_model
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir, sweep_group
 from dgtune.runtime import accelerator_session, environment, resolve_precision
@@ -45,28 +47,27 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def apply_lora(model, cfg: DictConfig):
-    """Wrap the model with LoRA adapters (peft) on the configured targets; the router and base stay frozen."""
+    """Wrap the model with LoRA adapters (peft) on `lora.target_modules`, or the model family's own pattern when it
+    is null (`dgtune.models.family`); the router and base stay frozen."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=cfg.get("target_modules") or family_of(model).lora_target_modules,
         target_parameters=list(cfg.target_parameters) or None,
     )
     return get_peft_model(model, lcfg)
 
 
-ROUTER_PARAM = ".router."  # DiffusionGemma's MoE router: router.proj.weight, router.scale, router.per_expert_scale
-
-
 def freeze_router(model) -> int:
-    """Freeze the MoE router's parameters for a full fine-tune (everything else trains), TRL's default;
-    `trainer.train_router=true` trains it too. Returns how many parameter tensors were frozen."""
+    """Freeze the MoE router's parameters (the model family's `router_param`) for a full fine-tune (everything else
+    trains), TRL's default; `trainer.train_router=true` trains it too. Returns how many tensors were frozen."""
+    router = family_of(model).router_param
     frozen = 0
     for name, p in model.named_parameters():
-        if ROUTER_PARAM in name and p.requires_grad:
+        if router is not None and router in name and p.requires_grad:
             p.requires_grad_(False)
             frozen += 1
     return frozen
@@ -113,21 +114,29 @@ def _setup_and_train(cfg: DictConfig, accelerator) -> dict:
     check_inputs(cfg, task)  # a bad test file or model folder fails now, not after training
     splits = splits_for(task, cfg)  # data files (e.g. task=jsonl) are read before the run folder exists
     if cfg.eval.at_end:  # a data task without test rows fails now, not after training
-        from dgtune.eval.__main__ import require_test_rows
+        from dgtune.eval.runner import require_test_rows
 
         require_test_rows(task, splits, cfg)
     if cfg.resume and cfg.run_dir and not (Path(cfg.run_dir) / "checkpoints").is_dir():
         raise CheckpointError(f"resume=true but {cfg.run_dir}/checkpoints has no complete checkpoint (no such folder)")
-    run_dir = shared_run_dir(cfg, accelerator)
+    run_dir, created = shared_run_dir(cfg, accelerator)
     lock = acquire_lock(run_dir) if main else None
+    progress = {"started": False}  # set when the first training step begins
     try:
-        return _train(cfg, accelerator, run_dir, task, splits)
+        return _train(cfg, accelerator, run_dir, task, splits, progress)
+    except BaseException:
+        if main and created and not progress["started"]:  # failed in set-up: leave nothing behind
+            release_lock(lock)
+            lock = None
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         release_lock(lock)
 
 
-def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
-    """The body of `train` once the run folder is chosen and locked."""
+def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) -> dict:
+    """The body of `train` once the run folder is chosen and locked; sets `progress["started"]` when the loop
+    begins (a failure before that removes a run folder this call created)."""
     from tqdm import tqdm
 
     tc = cfg.trainer
@@ -208,6 +217,7 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
     window_tokens, window_t0, loss = 0, time.perf_counter(), None
     skips = 0  # consecutive steps skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)
     deadline = t_start + 60 * tc.max_minutes if tc.max_minutes else None
+    progress["started"] = True
     while step < tc.max_steps:
         optimizer.zero_grad(set_to_none=True)
         logs = {}
@@ -285,7 +295,7 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits) -> dict:
         write_generation_config(run_dir / "final", cfg, tokenizer, task.canvas_length)
         tracker.log({"train/minutes": summary["train_minutes"]}, step)
         if cfg.eval.at_end:
-            from dgtune.eval.__main__ import run_report
+            from dgtune.eval.runner import run_report
 
             summary["report"] = run_report(inner, tokenizer, task, splits, cfg, run_dir, tracker,
                                            meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step,
@@ -320,7 +330,7 @@ def nonfinite_step(cfg: DictConfig, step: int, loss: float, grad_norm: float, sk
 def quick_eval(model, tokenizer, task, val_rows, cfg, run_dir=None, step: int = 0, sequences: int = 0) -> dict:
     """Solved rate and cell accuracy on the first `eval.quick_n` validation rows (of bucket `eval.quick_bucket`,
     when set) at `eval.quick_steps`; with `run_dir`, also a point of the learning curve (`dgtune.eval.curve`)."""
-    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling.config import sampler_config
     from dgtune.eval.curve import append_point, curve_point
     from dgtune.eval.runner import evaluate
 
@@ -346,7 +356,10 @@ def main() -> None:
     import hydra
 
     from dgtune.config import config_dir, register_recipes
+    from dgtune.validate import check_overrides
 
+    with cli_errors():  # an unknown recipe or group option stops here, before Hydra runs the defaults
+        check_overrides(sys.argv[1:])
     register_recipes()
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")

@@ -10,37 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class DgtuneError(Exception):
-    """Base of the errors a user can fix (shown as one line by the command-line entry points)."""
+from dgtune.sampling.strategies import STRATEGIES
 
 
-class ConfigError(DgtuneError, ValueError):
-    """A config key has a wrong type or an impossible value, or is ignored by the chosen options."""
-
-
-class InputError(DgtuneError, ValueError):
-    """An input file (test file, data file, model folder) is unusable."""
-
-
-class NonFiniteError(DgtuneError, RuntimeError):
-    """Training produced a non-finite loss or gradient (or weights)."""
-
-
-class RunLockedError(DgtuneError, RuntimeError):
-    """Another live process holds the run folder's lock."""
-
-
-class CheckpointError(DgtuneError, FileNotFoundError):
-    """No complete and loadable checkpoint to resume from."""
-
-
-class SaveError(DgtuneError, OSError):
-    """Writing a checkpoint or the final weights failed (disk full, ...); earlier files are untouched."""
+# The error classes live in dgtune.errors (no import circle); they are re-exported here for existing imports.
+from dgtune.errors import (CheckpointError, ConfigError, DgtuneError, InputError, ModelNotAvailableError,  # noqa: E402,F401
+                           NonFiniteError, RunLockedError, SaveError, SudokuFormatError)
 
 
 def _int(lo=None, hi=None, none=False):
@@ -125,6 +105,7 @@ RULES = {
     "eval.quick_n": _int(1),
     "eval.quick_steps": _int_list(1),
     "eval.guided": _bool(),
+    "eval.on_verifier_error": _choice("fail", "count"),
     "task.n_train": _int(0),
     "task.n_val": _int(0),
     "task.n_test": _int(0),
@@ -140,6 +121,14 @@ RULES = {
     "objective.loss_chunk": _int(0),
     "objective.self_cond_p": _num(0, 1),
     "objective.ar_weight": _num(0),
+    "sampler.strategy": _choice(*STRATEGIES),
+    "sampler.mode": _choice("reference", "fast"),
+    "sampler.noise": _choice("uniform", "mask"),
+    "sampler.commit": _choice("sample", "argmax"),
+    "sampler.prediction": _choice("denoiser", "mean_loo"),
+    "sampler.decoder": _choice("auto", "fused", "transformers"),
+    "sampler.decoder_dtype": _choice("auto", "fast", "float32", "bfloat16"),
+    "sampler.stats_backend": _choice("auto", "torch", "triton"),
     "sampler.max_steps": _int(1),
     "sampler.max_canvases": _int(1),
     "sampler.t_min": _num(0, lo_open=True),
@@ -239,16 +228,37 @@ USER_ERRORS: tuple = (DgtuneError, FileNotFoundError, FileExistsError, KeyError)
 @contextlib.contextmanager
 def cli_errors():
     """In a command-line entry point: print dgtune's own errors (bad config, bad files, locked run folder, a
-    non-finite loss, ...) as one line `dgtune: error: ...` on stderr and exit with code 2."""
-    from dgtune.models.load import ModelNotAvailableError
-    from dgtune.tasks.sudoku import SudokuFormatError
-
+    non-finite loss, a failing verifier, ...) as one line `dgtune: error: ...` on stderr and exit with code 2.
+    `DGTUNE_DEBUG=1` lets them through with their tracebacks."""
     try:
         yield
-    except (*USER_ERRORS, ModelNotAvailableError, SudokuFormatError) as e:
+    except USER_ERRORS as e:
+        if os.environ.get("DGTUNE_DEBUG", "") not in ("", "0"):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"dgtune: error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_overrides(args: list[str]) -> None:
+    """Command-line choices of config groups name options that exist: `recipe=NAME` a file in `recipes/`,
+    `task=NAME` one in `configs/task/`, and so on (each value of a sweep `-m task=a,b` too). Hydra itself would
+    skip an unknown recipe silently (the recipe group is optional) and run the defaults."""
+    from dgtune.config import config_dir, recipes_dir
+
+    groups = {p.name: sorted(x.stem for x in p.glob("*.yaml")) for p in config_dir().iterdir()
+              if p.is_dir() and p.name != "accelerate"}  # configs/accelerate holds accelerate's files, not a group
+    groups["recipe"] = sorted(x.stem for x in recipes_dir().glob("*.yaml"))
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or "(" in value:  # sweep functions (choice(...), glob(...)) are Hydra's to read
+            continue
+        for name in value.split(","):
+            if name not in groups[key]:
+                raise ConfigError(f"{key}={name!r}: no such {key} (available: {', '.join(groups[key])})")
 
 
 def quiet_third_party() -> None:

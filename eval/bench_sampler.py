@@ -50,7 +50,7 @@ def load(run: str | None):
     if run:
         from omegaconf import OmegaConf
 
-        from dgtune.eval.__main__ import load_run
+        from dgtune.eval.runs import load_run
 
         model, tok, _ = load_run(Path(run), OmegaConf.load(Path(run) / "config.yaml"))
         desc = f"run {run}"
@@ -160,7 +160,7 @@ def main(argv=None) -> str:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="sampler.compile (torch.compile the fused decoder; default on, --no-compile for eager)")
     args = ap.parse_args(argv)
-    from dgtune.eval.__main__ import load_group
+    from dgtune.eval.runs import load_group
 
     SAMPLER.clear()
     SAMPLER.update({k: v for k, v in load_group("sampler", args.sampler).items() if k != "name"})

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 def main() -> None:
     from dgtune.data import splits_for
-    from dgtune.eval.__main__ import load_run, sampler_config
+    from dgtune.eval.runs import load_run
+    from dgtune.sampling.config import sampler_config
     from dgtune.eval.runner import evaluate
     from dgtune.tasks import build_task
 

@@ -40,7 +40,9 @@ def main(argv=None) -> None:
     from omegaconf import OmegaConf
 
     from dgtune.data import splits_for
-    from dgtune.eval.__main__ import load_run, merge_overrides, sampler_config, test_rows
+    from dgtune.eval.runner import test_rows
+    from dgtune.eval.runs import load_run, merge_overrides
+    from dgtune.sampling.config import sampler_config
     from dgtune.eval.runner import evaluate
     from dgtune.tasks import build_task
 

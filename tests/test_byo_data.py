@@ -139,6 +139,7 @@ def test_clear_errors(tiny, tmp_path):
         build_task(compose(["task=data", "+task.columns.answer=x"]).task)
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_train_cli_from_parquet_with_renamed_columns_and_long_answers(tmp_path):
     """`python -m dgtune.train task=data` from a Parquet file with columns of its own, answers of 2-3 canvases
     (canvas 8), a verifier given as module:function and a bucket column; then `python -m dgtune.eval RUN_DIR`."""

@@ -33,6 +33,7 @@ def run_cli(module, args, tmp_path, check=True, timeout=300):
 
 
 @needs_base
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_train_sudoku_end_to_end_with_wandb_offline(tmp_path):
     proc = run_cli("dgtune.train", ["recipe=sudoku", "trainer.max_steps=3", "eval.steps=[1,2]", "eval.quick_every=2",
                                     "run_dir=run", "logger=wandb", *SMALL], tmp_path)
@@ -79,6 +80,7 @@ def test_train_sudoku_end_to_end_with_wandb_offline(tmp_path):
 
 
 @needs_base
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     args = ["recipe=sudoku", "trainer.max_steps=12", "trainer.ckpt_every=2", "eval.at_end=false", "eval.quick_every=0",
             "trainer.lr=1e-2", *SMALL]
@@ -110,6 +112,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # training moved the adapter
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_resume_without_checkpoint_and_unknown_key_fail_clearly(tmp_path):
     proc = run_cli("dgtune.train", ["recipe=sudoku", "resume=true", "run_dir=nothing_here"], tmp_path, check=False)
     assert proc.returncode != 0 and "no complete checkpoint" in proc.stderr and "nothing_here" in proc.stderr
@@ -168,6 +171,7 @@ def test_merged_export_equals_base_plus_adapter(tiny):
 
 
 @needs_base
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_sweep_runs_share_a_wandb_group(tmp_path):
     proc = run_cli("dgtune.train", ["-m", "recipe=sudoku", "lora.r=4,8", "trainer.max_steps=1", "eval.at_end=false",
                                     "eval.quick_every=0", "logger=wandb", *SMALL], tmp_path)
@@ -180,6 +184,7 @@ def test_sweep_runs_share_a_wandb_group(tmp_path):
 
 
 @needs_base
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_coloring_recipe_reports_guided_curves_for_base_and_tuned(tmp_path):
     """`recipe=coloring` turns `eval.guided` on: the report carries the +verifier curve of the tuned model and of the
     base through the same per-row guide (before: only the tuned model's, so nothing showed what the rules alone give)."""

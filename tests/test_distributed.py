@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # several processes through torchrun: pytest -m 'not slow' skips them
+
 STEPS = 4
 TINY = ["model=scratch", "model.sizes.hidden_size=32", "model.sizes.num_hidden_layers=2",
         "model.sizes.num_attention_heads=2", "model.sizes.num_key_value_heads=1", "model.sizes.head_dim=16",

@@ -154,6 +154,7 @@ def test_gelu_as_sigmoid_matches_library_gelu():
     torch.testing.assert_close(gelu_tanh_as_sigmoid(x), F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_compiled_fused_decoder_matches_transformers(mixed_layers):
     """torch.compile'd (sigmoid-form GELU, fp32 matmuls) logits equal transformers' decoder."""
     model = mixed_layers

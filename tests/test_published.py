@@ -4,6 +4,7 @@ and by plain peft on the bundled base, with a portable base name and within the 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_cli import ROOT, run_cli
@@ -20,6 +21,7 @@ def test_published_folder_is_small_portable_and_carded():
     assert "python -m dgtune.train recipe=sudoku_solve" in card and "python -m dgtune.eval" in card
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_dgtune_eval_on_the_published_folder_beats_the_base(tmp_path):
     out = tmp_path / "report"
     run_cli("dgtune.eval", [str(PUBLISHED), "eval.max_rows=6", "eval.steps=[12]", f"eval.out_dir={out}",

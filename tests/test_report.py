@@ -108,7 +108,7 @@ def test_plot_single_bucket(tmp_path):
 
 
 def test_base_rows_of_a_mean_loo_run_are_sampled_as_a_denoiser(tiny, tmp_path, monkeypatch):
-    import dgtune.eval.__main__ as ev
+    import dgtune.eval.runner as ev
     from dgtune.config import compose
     from dgtune.tasks import build_task
 

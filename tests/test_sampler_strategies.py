@@ -164,9 +164,9 @@ def test_fast_equals_reference_when_confident(tiny, monkeypatch):
         idx = torch.arange(canvas.shape[0])  # fast mode may call with fewer rows; all rows share the target here
         return torch.nn.functional.one_hot(target[idx % 3], v).float() * 40.0
 
-    import dgtune.sampling.sampler as sampler_mod
+    import dgtune.sampling.reference as reference
 
-    monkeypatch.setattr(sampler_mod, "decode", fake_decode)
+    monkeypatch.setattr(reference, "decode", fake_decode)
     monkeypatch.setattr(fast, "decode", fake_decode)
     prompts = _prompts(3)
     ref = sample(model, prompts, SamplerConfig(max_steps=12), torch.Generator().manual_seed(0), 1, 0)
@@ -178,7 +178,8 @@ def test_fast_equals_reference_when_confident(tiny, monkeypatch):
 
 def test_sampler_yamls_and_group_override(tmp_path):
     from dgtune.config import config_dir
-    from dgtune.eval.__main__ import merge_overrides, sampler_config
+    from dgtune.eval.runs import merge_overrides
+    from dgtune.sampling.config import sampler_config
 
     names = sorted(p.stem for p in (config_dir() / "sampler").glob("*.yaml"))
     assert set(ALL) <= set(names)
@@ -225,7 +226,7 @@ def test_mean_loo_prediction_is_converted_at_the_canvas_noise_level(tiny, monkey
     from omegaconf import OmegaConf
 
     from dgtune.diffusion.objective import loo_to_denoiser_logits
-    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling.config import sampler_config
     from dgtune.sampling import sampler as sampler_mod
 
     model, tok = tiny
@@ -240,9 +241,9 @@ def test_mean_loo_prediction_is_converted_at_the_canvas_noise_level(tiny, monkey
     (_, den), (_, loo) = outs["denoiser"], outs["mean_loo"]
     torch.testing.assert_close(loo[0].log_softmax(-1), den[0].log_softmax(-1))  # step 1: t = 1, q(y | x) is flat
     assert not torch.allclose(loo[1].log_softmax(-1), den[1].log_softmax(-1))  # later: kept tokens add evidence
-    assert not sampler_mod.uses_reference(SamplerConfig(prediction="mean_loo"))
+    assert not uses_reference(SamplerConfig(prediction="mean_loo"))
     with pytest.raises(ValueError, match="prediction"):
-        sampler_mod.uses_reference(SamplerConfig(prediction="x0"))
+        uses_reference(SamplerConfig(prediction="x0"))
     cfg = OmegaConf.create({"sampler": {"name": "entropy_bound", "strategy": "entropy_bound"},
                             "objective": {"prediction": "mean_loo"}})
     assert sampler_config(cfg).prediction == "mean_loo"
@@ -298,7 +299,7 @@ def test_no_self_conditioning_for_a_model_trained_without_it(tiny, monkeypatch, 
     below its own one-step 0.467). With self-conditioning off every step decodes its canvas alone: the logits of
     step 2 equal a fresh decode of that step's canvas with no self-conditioning input."""
     from dgtune.diffusion.model_calls import decode, encode
-    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling.config import sampler_config
     from dgtune.sampling import fused_decoder
 
     model, tok = tiny

@@ -120,6 +120,7 @@ def test_fused_decoder_on_shaped_model(shaped_lora):
     assert torch.equal(outs["fused"].tokens, outs["transformers"].tokens)
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (or torch.compile): pytest -m 'not slow' skips it
 def test_shaped_train_eval_export_cli(tmp_path):
     """A few LoRA steps of the shaped model on 4x4 Sudoku (prompts of 26 tokens > window 16), the base/tuned report
     at 1 and 2 steps, then the adapter and merged exports. The vocabulary is cut to 16,384 rows here (262,144 takes

@@ -46,7 +46,7 @@ def test_template_tokens_are_clamped_and_guided_sampling_runs(tiny):
 
 def test_sample_cli_path_samples_as_eval_does_with_the_template(tiny):
     from dgtune.config import compose
-    from dgtune.eval.__main__ import sampler_config
+    from dgtune.sampling.config import sampler_config
     from dgtune.eval.runner import evaluate
     from dgtune.sample import sample_prompt
     from dgtune.tasks import build_task

@@ -66,8 +66,8 @@ def aggregate(records: list[dict], timings: dict[tuple[str, str, int], dict]) ->
         tps = float(t.get("tokens", 0)) / seconds if seconds > 0 else 0.0
         row = {"model": model, "sampler": sampler, "task": task, "bucket": bucket, "steps": steps, "n": len(recs),
                "solved": _mean(solved), "solved_lo": lo, "solved_hi": hi}
-        for k in _MEAN_KEYS:
-            row[k] = _mean([float(r.get(k, math.nan)) for r in recs])
+        for k in _MEAN_KEYS:  # rows where a grade is undefined (None: exact without a reference) are left out
+            row[k] = _mean([float(r[k]) for r in recs if r.get(k) is not None])
         row["mean_nfe"] = _mean([float(r.get("nfe", math.nan)) for r in recs])
         row["tokens_per_s"] = tps
         rows.append(row)

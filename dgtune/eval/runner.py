@@ -1,13 +1,19 @@
-"""Run the sampler over task rows for a sweep of step counts and grade every output."""
+"""Run the sampler over task rows for a sweep of step counts and grade every output (`evaluate`), and the whole
+report of a model on a task's test rows, tuned and base (`run_report`), as training's end and `dgtune.eval` run it."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from dgtune.data import prompt_ids, row_prompt
+from dgtune.eval.report import aggregate, format_table, write_report
+from dgtune.sampling.config import sampler_config
 from dgtune.sampling.sampler import SamplerConfig, sample
 
 
@@ -44,13 +50,16 @@ def warm_up_compiled(model, groups, cfg: SamplerConfig, batch_size: int, eos: in
 @torch.no_grad()
 def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: SamplerConfig, batch_size: int,
              seed: int, model_name: str, sampler_name: str = "entropy_bound", device=None, guided: bool = False,
-             progress: bool = False):
+             progress: bool = False, on_verifier_error: str = "fail"):
     """Sample and grade every row at every step count. With a task that uses canvas templates, the known tokens
     are clamped; with `guided`, the task's rule checker vetoes accepted tokens that break a hard constraint.
 
     Returns (records, timings): one record per (steps, row) with the row index, output text, grade, bucket and NFE; timings map
     (model, sampler, steps) -> {"tokens", "seconds"} (tokens = generated tokens up to and including EOS).
     `progress` shows a progress bar over the sweep (batches x step counts) on stderr.
+    A row without a reference answer (an empty `response`, e.g. a prompt-only test file) has `exact` None: it is
+    left out of the exact rate. A verifier that raises or returns a bad grade stops the eval (VerifierError naming
+    it and the row), or with `on_verifier_error="count"` the row counts as wrong (`verifier_error` 1).
     """
     from tqdm import tqdm
 
@@ -89,7 +98,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
                 n_tokens += int((res.tokens != pad).sum())
                 texts = tokenizer.batch_decode(res.tokens.cpu(), skip_special_tokens=True)
                 for j, (i, text) in enumerate(zip(chunk, texts)):
-                    grade = task.grade(rows[i], text)
+                    grade = grade_row(task, rows[i], text, on_verifier_error)
                     records.append({"model": model_name, "sampler": sampler_name, "steps": int(steps), "row": int(i),
                                     "task": rows[i].get("task"), "bucket": rows[i].get("bucket") or None,
                                     "nfe": float(res.nfe[j]),
@@ -97,3 +106,93 @@ def evaluate(model, tokenizer, task, rows: list[dict], steps_list, sampler_cfg: 
         timings[(model_name, sampler_name, int(steps))] = {"tokens": n_tokens, "seconds": seconds}
     bar.close()
     return records, timings
+
+
+def grade_row(task, row: dict, text: str, on_verifier_error: str = "fail") -> dict:
+    """`task.grade(row, text)` with the grades checked (finite, in [0, 1]); `exact` None when the row has no
+    reference answer. A VerifierError stops, or with `on_verifier_error="count"` the row is graded wrong."""
+    from dgtune.errors import VerifierError
+    from dgtune.tasks.jsonl import GRADE_KEYS, _grade_value
+
+    try:
+        grade = task.grade(row, text)
+        grade = {k: (_grade_value(v, f"task {task.name}: {k}") if k in GRADE_KEYS and v is not None else v)
+                 for k, v in grade.items()}
+    except VerifierError:
+        if on_verifier_error != "count":
+            raise
+        return {"solved": 0.0, "exact": 0.0, "cell_acc": 0.0, "parse_fail": 0.0, "verifier_error": 1.0}
+    if not str(row.get("response") or "").strip():  # nothing to compare with: exact is undefined, never true
+        grade["exact"] = None
+    return grade
+
+
+def test_rows(task, splits, cfg) -> list[dict]:
+    """`task.test_file` if set (CSV, graded by the task's rules), else the generated test split."""
+    if cfg.task.get("test_file"):
+        return task.load_test_file(cfg.task.test_file)
+    return splits["test"]
+
+
+def require_test_rows(task, splits, cfg) -> None:
+    """Stop before any work when there is nothing to evaluate (a data task without a test file)."""
+    if not cfg.task.get("test_file") and not splits["test"]:
+        raise ValueError(f"task {task.name}: no test rows to evaluate (set task.files.test or task.test_file)")
+
+
+def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=None, base_model=None) -> str:
+    """Evaluate tuned (and base) over `eval.steps`, write the report files, print the table; returns report.json."""
+    rows = test_rows(task, splits, cfg)
+    if cfg.eval.get("max_rows"):
+        rows = rows[: cfg.eval.max_rows]
+    scfg = sampler_config(cfg)
+    name = cfg.sampler.get("name", scfg.strategy)
+    steps = list(cfg.eval.steps)
+    bars = bool(cfg.get("trainer", {}).get("progress_bar", True))
+    errors = cfg.eval.get("on_verifier_error", "fail")
+    records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name,
+                                progress=bars, on_verifier_error=errors)
+    guided = bool(cfg.eval.get("guided"))  # verifier-guided renoising: its own curve, never mixed into the plain one
+    if cfg.eval.compare_base:
+        if base_model is not None:
+            ctx, base = nullcontext(), base_model
+        elif hasattr(model, "disable_adapter"):
+            ctx, base = model.disable_adapter(), model
+        else:
+            from dgtune.models.load import load_model
+
+            base, _ = load_model(cfg.model)
+            base.config.canvas_length = task.canvas_length
+            ctx = nullcontext()
+        # the base is sampled as it was trained (the released objective: a denoiser with self-conditioning),
+        # whatever the adapter learned
+        base_cfg = replace(scfg, prediction="denoiser", self_conditioning=True)
+        with ctx:
+            r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name,
+                              progress=bars, on_verifier_error=errors)
+            if guided:  # the base through the same guide: what the rules alone give without the fine-tune
+                r4, t4 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base",
+                                  f"{name}+verifier", guided=True, progress=bars, on_verifier_error=errors)
+                r2, t2 = r2 + r4, {**t2, **t4}
+        records, timings = r2 + records, {**t2, **timings}
+    if guided:
+        r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",
+                          f"{name}+verifier", guided=True, progress=bars, on_verifier_error=errors)
+        records, timings = records + r3, {**timings, **t3}
+    table_rows = aggregate(records, timings)
+    out_dir = Path(cfg.eval.get("out_dir") or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from dgtune.runtime import environment
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    meta = {"task": task.name, "test_rows": len(rows), "test_file": cfg.task.get("test_file"), "sampler": name,
+            "model": cfg.model.get("name_or_path") or cfg.model.source, **(meta or {}),
+            "eval_environment": environment(f"{dtype} weights, no autocast")}
+    if errors == "count":  # rows a verifier failed on, counted as wrong (eval.on_verifier_error=count)
+        meta["verifier_errors"] = int(sum(r.get("verifier_error", 0) for r in records))
+    paths = write_report(out_dir, table_rows, meta)
+    print(format_table(table_rows))
+    print(f"[dgtune] report: {paths['md']} (table), {paths['json']}, plot: {paths['png']}")
+    if tracker is not None:
+        tracker.log_report(paths, table_rows)
+    return str(paths["json"])

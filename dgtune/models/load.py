@@ -8,16 +8,14 @@ from pathlib import Path
 
 import torch
 
+from dgtune.errors import InputError, ModelNotAvailableError
+from dgtune.models.family import family_of
 from dgtune.models.quant import bnb_config, default_device_map, quantised_copy
 from dgtune.models.unsloth_backend import check_backend, load_with_unsloth
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The requested weights are neither local nor reachable."""
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -55,8 +53,6 @@ def check_model_files(cfg) -> None:
     config.json or holds a safetensors file whose header cannot be read (truncated, corrupted)."""
     from safetensors import safe_open
 
-    from dgtune.validate import InputError
-
     if cfg.source == "bundled":
         folder = BUNDLED_DIR
     elif cfg.source == "pretrained":
@@ -84,7 +80,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
 
     `model.quantization` (null | 4bit | 8bit) loads the base through bitsandbytes (`dgtune.models.quant`);
     `model.backend=unsloth` loads it through unsloth's loader (`dgtune.models.unsloth_backend`, CUDA only)."""
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -112,6 +108,9 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     if backend == "unsloth":
         return load_with_unsloth(path, cfg, DTYPES[cfg.get("dtype", "bfloat16")])
     trust = bool(cfg.get("trust_remote_code", False))
+    family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust))  # its class, skip list, ...
+    if quantization is not None:
+        quantization = bnb_config(cfg.quantization, family.quant_skip_modules)
     kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -120,6 +119,6 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs.setdefault("device_map", default_device_map())
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs)
+    model = family.load_class().from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model, tokenizer

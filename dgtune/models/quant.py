@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-SKIP_MODULES = ["lm_head", "router.proj"]  # suffix matches (transformers' should_convert_module)
+from dgtune.models.family import DIFFUSION_GEMMA, family_of
+
+SKIP_MODULES = list(DIFFUSION_GEMMA.quant_skip_modules)  # DiffusionGemma's: suffix matches (should_convert_module)
 
 
 class QuantizationUnavailableError(RuntimeError):
@@ -90,8 +92,9 @@ def default_device_map() -> dict:
     return {"": "cpu"}
 
 
-def bnb_config(value):
-    """The `BitsAndBytesConfig` for `model.quantization` (None when unquantised). Fails at once with one line naming
+def bnb_config(value, skip_modules=None):
+    """The `BitsAndBytesConfig` for `model.quantization` (None when unquantised), keeping `skip_modules` (the model
+    family's `quant_skip_modules`; DiffusionGemma's by default) in 16 bits. Fails at once with one line naming
     `model.quantization` when bitsandbytes or its backend is not usable on this machine's device."""
     mode = quant_mode(value)
     if mode is None:
@@ -102,7 +105,8 @@ def bnb_config(value):
         raise QuantizationUnavailableError(f"model.quantization={mode.name}: {problem}")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(**mode.kwargs, llm_int8_skip_modules=list(SKIP_MODULES))
+    skip = SKIP_MODULES if skip_modules is None else skip_modules
+    return BitsAndBytesConfig(**mode.kwargs, llm_int8_skip_modules=list(skip))
 
 
 def quantised_summary(model) -> dict[str, int]:
@@ -130,12 +134,11 @@ def quantised_summary(model) -> dict[str, int]:
 def quantised_copy(model, value, **kwargs):
     """`model` (e.g. a freshly built shaped or tiny model) re-loaded with a quantised base: saved as safetensors to
     a temporary folder, then `from_pretrained` with `bnb_config(value)` (same weights, same tying)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    q = bnb_config(value)
+    family = family_of(model)
+    q = bnb_config(value, family.quant_skip_modules)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        return DiffusionGemmaForBlockDiffusion.from_pretrained(
+        return family.load_class().from_pretrained(
             tmp, quantization_config=q, device_map=default_device_map(), use_safetensors=True, **kwargs)
 
 

@@ -26,9 +26,10 @@ import torch
 from dgtune.diffusion.model_calls import decode, encode, unwrap
 from dgtune.diffusion.objective import loo_to_denoiser_logits
 from dgtune.sampling import rng
+from dgtune.sampling.config import SampleResult, pad_after_eos
 from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported, resolve_dtype
 from dgtune.sampling.stats import StepStats, step_stats
-from dgtune.sampling.strategies import check_strategy, strategy_step, temperature
+from dgtune.sampling.strategies import STRATEGIES, check_strategy, strategy_step, temperature
 
 NO_MASKS = {"full_attention": None, "sliding_attention": None}  # no padding: attention over prompt + canvas
 
@@ -134,7 +135,8 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
     live = torch.ones(b, dtype=torch.bool, device=device)  # active and not finished
     history = torch.full((max(cfg.stability_threshold, 1), b, l), -1, dtype=torch.long, device=device)
     view, sc_logits, sync_every = cache, None, _sync_every(cfg, device)
-    need_sample = cfg.strategy == "entropy_bound" or cfg.commit == "sample"
+    strategy = STRATEGIES[cfg.strategy]
+    need_sample = not strategy.commits or cfg.commit == "sample"
     embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
     if fused is not None:
         kv_all = prompt_kv if prompt_kv is not None else fused.prepare_cache(cache)  # [(keys, values) [b, kvh, p, d]]
@@ -157,7 +159,7 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
         sample_keys = rng.position_keys(sk[:, rng.SAMPLE], l).view(-1) if need_sample else None
         held = None  # a guide's value columns of `raw` as the model gave them, masked for this step's choice only
-        if guide is not None and hasattr(guide, "forbidden") and cfg.strategy != "entropy_bound":
+        if guide is not None and hasattr(guide, "forbidden") and strategy.commits:
             ids, taken = guide.forbidden(canvas, committed, rows)  # [k], [a, l, k]
             held = raw[..., ids]  # [a, l, k] (a copy)
             raw[..., ids] = held.masked_fill(taken, float("-inf"))
@@ -166,7 +168,7 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
             raw[..., ids] = held  # the self-conditioning input keeps the model's own logits
         st = StepStats(*(x.view(a, l) if x is not None else None for x in st))
         pos_keys = {"renoise": rng.position_keys(sk[:, rng.RENOISE], l) if mask_id is None else sk[:, :1],
-                    "score": rng.position_keys(sk[:, rng.SCORE], l) if cfg.strategy == "topk_random" else None}
+                    "score": rng.position_keys(sk[:, rng.SCORE], l) if strategy.random_scores else None}
         tmpl = None if known is None else (template, known) if a == b else (template[rows], known[rows])
         if tmpl is not None:  # known positions: certain (entropy 0), and their token is the template's
             tok, k = tmpl
@@ -178,11 +180,11 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
                                                   step_guide)
         # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples
         if cfg.prediction == "mean_loo":
-            kept = committed if cfg.strategy != "entropy_bound" else committed | (canvas == st.sample)
+            kept = committed if strategy.commits else committed | (canvas == st.sample)
         if tmpl is not None:
             canvas, output = torch.where(tmpl[1], tmpl[0], canvas), torch.where(tmpl[1], tmpl[0], output)
         nfe.index_add_(0, rows, live.float())
-        if cfg.strategy == "entropy_bound":
+        if not strategy.commits:  # adaptive stop: stable argmax and confident
             if cfg.stability_threshold == 0:
                 stable = torch.ones_like(live)
             else:
@@ -222,8 +224,6 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
                 template: torch.Tensor | None = None, guide=None):
     """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b]).
     template [b, l] (first canvas) and guide: see `denoise_canvas_fast`."""
-    from dgtune.sampling.sampler import SampleResult
-
     check_strategy(cfg)
     core_cfg = unwrap(model).config
     canvas_length = canvas_length or core_cfg.canvas_length
@@ -259,7 +259,4 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
         positions = torch.arange(cur_len, cur_len + canvas_length, device=device)[None]
         cache, _ = encode(model, out[keep], cache=cache, position_ids=positions)
         cur_len += canvas_length
-    tokens = tokens[:, : n_canvases * canvas_length]
-    is_eos = tokens == eos_id
-    after_eos = (torch.cumsum(is_eos.long(), -1) - is_eos.long()) > 0
-    return SampleResult(tokens=torch.where(after_eos, torch.full_like(tokens, pad_id), tokens), nfe=nfe)
+    return SampleResult(tokens=pad_after_eos(tokens[:, : n_canvases * canvas_length], eos_id, pad_id), nfe=nfe)

@@ -9,19 +9,10 @@ sample. The noise is either given (uniforms [n, v]) or derived from 32-bit keys 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from dgtune.sampling import rng
-
-
-class StepStats(NamedTuple):
-    entropy: torch.Tensor  # [n] float32, entropy of softmax(logits / temperature)
-    max_prob: torch.Tensor  # [n] float32
-    argmax: torch.Tensor  # [n] int64 (first maximum)
-    margin: torch.Tensor  # [n] float32, top1 - top2 probability
-    sample: torch.Tensor | None  # [n] int64 Gumbel-max sample, None without noise
+from dgtune.sampling.config import StepStats  # noqa: F401  (re-exported)
 
 
 _TRITON = None  # None: not probed yet; False: unavailable; else the triton_stats module

@@ -8,18 +8,46 @@
 - `threshold` (Fast-dLLM): commit every uncommitted position whose max-probability exceeds `threshold`, and at
   least the most confident one per step; a row stops when all its positions are committed.
 
+Each strategy joins the `STRATEGIES` registry where it is defined (`@register_strategy(name)`), so a new one is
+one function here (or in any module imported before sampling) plus one YAML in `configs/sampler/`.
+
 Committed tokens never change. Uncommitted positions are renoised with uniform random tokens (`noise="uniform"`) or
 set to [MASK] (`noise="mask"`). The output is the argmax canvas, with the committed tokens where committed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from dgtune.sampling import rng
 
-TOPK = {"topk_confidence", "topk_margin", "topk_entropy", "topk_random"}
-STRATEGIES = ("entropy_bound", *sorted(TOPK), "threshold")
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a strategy picks a step's positions: `select(cfg, stats, free [b, l], steps_left, score_keys) -> bool
+    [b, l]`. `commits`: the chosen positions stay fixed for the rest of the canvas (top-k, threshold), or every
+    step starts over from the sampled canvas (entropy_bound: the rest is renoised, nothing stays committed).
+    `random_scores`: `select` reads per-position random numbers (`score_keys`, else None)."""
+
+    select: Callable
+    commits: bool = True
+    random_scores: bool = False
+
+
+STRATEGIES: dict[str, Strategy] = {}  # sampler.strategy -> Strategy
+
+
+def register_strategy(name: str, commits: bool = True, random_scores: bool = False):
+    """Decorator: `select` becomes strategy `name` (see `Strategy`)."""
+
+    def deco(select: Callable) -> Callable:
+        STRATEGIES[name] = Strategy(select, commits, random_scores)
+        return select
+
+    return deco
 
 
 def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -52,17 +80,6 @@ def noise_tokens(keys: torch.Tensor, shape, vocab_size: int, mask_id: int | None
     return rng.randint(keys, vocab_size)
 
 
-def topk_scores(strategy: str, stats, keys: torch.Tensor) -> torch.Tensor:
-    """Higher = commit first. [b, l]"""
-    if strategy == "topk_confidence":
-        return stats.max_prob
-    if strategy == "topk_margin":
-        return stats.margin
-    if strategy == "topk_entropy":
-        return -stats.entropy
-    return rng.uniform(keys)  # topk_random
-
-
 def select_topk(scores: torch.Tensor, free: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The k[b] highest-scoring free positions per row (ties: lower position first). bool [b, l]"""
     scores = torch.where(free, scores, torch.full_like(scores, float("-inf")))
@@ -79,24 +96,49 @@ def select_threshold(max_prob: torch.Tensor, free: torch.Tensor, tau: float) -> 
     return free & ((max_prob > tau) | best)
 
 
+@register_strategy("entropy_bound", commits=False)
+def entropy_bound(cfg, stats, free, steps_left, score_keys):
+    """DiffusionGemma's rule: the lowest-entropy sampled tokens while sum(H) - max(H) <= `entropy_bound`."""
+    return entropy_bound_accept(stats.entropy, cfg.entropy_bound)
+
+
+def _topk(score: Callable):
+    """A fixed-schedule strategy: commit k = ceil(uncommitted / steps left) free positions, highest `score` first."""
+
+    def select(cfg, stats, free, steps_left, score_keys):
+        k = (free.sum(-1) + steps_left - 1) // steps_left  # ceil(remaining / steps left) [b]
+        return select_topk(score(stats, score_keys), free, k)
+
+    return select
+
+
+register_strategy("topk_confidence")(_topk(lambda stats, keys: stats.max_prob))
+register_strategy("topk_entropy")(_topk(lambda stats, keys: -stats.entropy))
+register_strategy("topk_margin")(_topk(lambda stats, keys: stats.margin))
+register_strategy("topk_random", random_scores=True)(_topk(lambda stats, keys: rng.uniform(keys)))
+
+
+@register_strategy("threshold")
+def threshold(cfg, stats, free, steps_left, score_keys):
+    """Fast-dLLM: every free position with max-prob > `threshold`, and at least the most confident one."""
+    return select_threshold(stats.max_prob, free, cfg.threshold)
+
+
 def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, steps_left: int, keys: dict,
                   vocab_size: int, mask_id: int | None, guide=None):
     """One step of `cfg.strategy`. stats: StepStats with [b, l] fields; canvas / committed [b, l]; keys: position
     keys [b, l] for "renoise" and "score". `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]` (optional, a task's
     rule checker) vetoes newly accepted tokens that break a hard constraint: they are renoised (or stay
     uncommitted) instead of kept. Returns (next canvas [b, l], committed [b, l], output canvas [b, l])."""
+    strategy = STRATEGIES[cfg.strategy]
     noise = noise_tokens(keys["renoise"], canvas.shape, vocab_size, mask_id)
-    if cfg.strategy == "entropy_bound":
-        accepted = entropy_bound_accept(stats.entropy, cfg.entropy_bound)
+    free = ~committed
+    if not strategy.commits:
+        accepted = strategy.select(cfg, stats, free, steps_left, keys.get("score"))
         if guide is not None:
             accepted = accepted & ~guide(stats.sample, accepted)
         return torch.where(accepted, stats.sample, noise), committed, stats.argmax
-    free = ~committed
-    if cfg.strategy == "threshold":
-        new = select_threshold(stats.max_prob, free, cfg.threshold)
-    else:
-        k = (free.sum(-1) + steps_left - 1) // steps_left  # ceil(remaining / steps left) [b]
-        new = select_topk(topk_scores(cfg.strategy, stats, keys["score"]), free, k)
+    new = strategy.select(cfg, stats, free, steps_left, keys.get("score"))
     chosen = stats.sample if cfg.commit == "sample" else stats.argmax
     if guide is not None:
         new = new & ~guide(torch.where(committed, canvas, chosen), committed | new)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dgtune.sampling import rng
-from dgtune.sampling.stats import StepStats
+from dgtune.sampling.config import StepStats
 
 try:
     import triton

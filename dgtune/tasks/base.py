@@ -10,6 +10,9 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
+from dgtune.errors import ConfigError
+from dgtune.tasks.registry import build_task, register_task
+
 ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens", "context", "source")
 
 
@@ -40,7 +43,7 @@ class Mixture:
 
     def __init__(self, tasks: list, weights: list[float], canvas_length: int, name: str = "mixture"):
         if len(tasks) != len(weights) or not tasks:
-            raise ValueError("mixture needs one weight per task")
+            raise ConfigError("mixture needs one weight per task")
         self.tasks = {t.name: t for t in tasks}
         self.weights = dict(zip(self.tasks, weights))
         self.canvas_length = canvas_length
@@ -61,3 +64,31 @@ class Mixture:
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Grade with the row's own task."""
         return self.tasks[row["task"]].grade(row, output)
+
+
+@register_task("mixture")
+def build_mixture(cfg):
+    """`task=mixture`: one adapter on several tasks (`task.tasks.<key>`: any task config; `task.weights.<key>`: its
+    share of the rows), all on one canvas of `task.canvas_length` tokens, answers up to `task.max_canvases`
+    canvases; reports break results down per task (`dgtune.eval.report`)."""
+    from omegaconf import OmegaConf
+
+    subs = cfg.get("tasks") or {}
+    if not subs:
+        raise ConfigError("task=mixture needs task.tasks.<key>: a task config per task (see configs/task/mixture.yaml)")
+    weights = dict(cfg.get("weights") or {})
+    unknown = set(weights) - set(subs)
+    if unknown:
+        raise ConfigError(f"task.weights names tasks {sorted(unknown)} that task.tasks lacks ({sorted(subs)})")
+    tasks = []
+    for key, sub in subs.items():
+        sub = OmegaConf.merge(OmegaConf.to_container(sub, resolve=True), {"canvas_length": cfg.canvas_length})  # one canvas for all
+        tasks.append(build_task(sub))
+        if getattr(tasks[-1], "use_template", False):
+            raise ConfigError(f"task.tasks.{key}: canvas templates are not supported inside a mixture")
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"task=mixture: two tasks share a name ({names}); give each a task_name")
+    mix = Mixture(tasks, [float(weights.get(k, 1.0)) for k in subs], cfg.canvas_length, cfg.get("task_name", "mixture"))
+    mix.max_canvases = max([int(cfg.get("max_canvases", 1))] + [getattr(t, "max_canvases", 1) for t in tasks])
+    return mix

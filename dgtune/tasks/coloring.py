@@ -14,7 +14,9 @@ import random
 import string
 from dataclasses import dataclass
 
-from dgtune.tasks.structured import StructuredTask, levels_from, make_row, split_counts, split_seed
+from dgtune.tasks.registry import register_task
+from dgtune.tasks.structured import (StructuredTask, levels_from, make_row, split_counts, split_seed,
+                                     structured_args)
 
 PREFIX = "color:"
 LABELS = string.ascii_lowercase
@@ -173,3 +175,8 @@ class ColoringTask(StructuredTask):
         out["exact"] = float(output.strip() == row["response"])
         return out
 
+
+@register_task("coloring")
+def build_coloring(cfg) -> ColoringTask:
+    """`task=coloring`: levels (buckets), canvas length, canvas template."""
+    return ColoringTask(*structured_args(cfg))

@@ -14,7 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from dgtune.tasks.structured import StructuredTask, levels_from, make_row, split_counts, split_seed
+from dgtune.errors import ConfigError
+from dgtune.tasks.registry import register_task
+from dgtune.tasks.structured import (StructuredTask, levels_from, make_row, split_counts, split_seed,
+                                     structured_args)
 
 PREFIX = "countdown:"
 OPS = "+-*:"
@@ -203,3 +206,12 @@ class CountdownTask(StructuredTask):
         out = verify(numbers, int(row["solution"]), output, self.require_all)
         out["exact"] = float(output.replace(" ", "").strip() == row["response"])
         return out
+
+
+@register_task("countdown")
+def build_countdown(cfg) -> CountdownTask:
+    """`task=countdown`: levels (buckets), canvas length, `task.require_all`."""
+    levels, canvas, template = structured_args(cfg)
+    if template:
+        raise ConfigError("countdown has no canvas template (an expression has no fixed structure); set task.template=false")
+    return CountdownTask(levels, canvas, bool(cfg.get("require_all", False)))

@@ -22,10 +22,13 @@ file and row); a template covers the first canvas.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from dgtune.errors import ConfigError, InputError
 from dgtune.tasks.base import make_row
 from dgtune.tasks.jsonl import load_verifier
+from dgtune.tasks.registry import register_task
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
@@ -41,30 +44,35 @@ def load_table(path: str | Path, fmt: str | None = None) -> list[dict]:
         raise FileNotFoundError(f"task file {path} does not exist")
     builder = fmt or FORMATS.get(path.suffix.lower())
     if builder not in set(FORMATS.values()):
-        raise ValueError(f"task file {path}: unknown format {builder or path.suffix!r} (set task.format to one of "
+        raise InputError(f"task file {path}: unknown format {builder or path.suffix!r} (set task.format to one of "
                          f"{sorted(set(FORMATS.values()))})")
     if path.stat().st_size == 0:
-        raise ValueError(f"task file {path} is empty")
+        raise InputError(f"task file {path} is empty")
     datasets.disable_progress_bars()
+    library_log = logging.getLogger("datasets")  # it logs a corrupt file's traceback before raising: ours names it
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
     except Exception as e:  # datasets' parse errors: one line naming the file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "corresponds to no data" in msg:  # e.g. a CSV with a header and no rows
-            raise ValueError(f"task file {path} has no rows") from None
-        raise ValueError(f"task file {path}: datasets could not read it as {builder} ({msg})") from None
+            raise InputError(f"task file {path} has no rows") from None
+        raise InputError(f"task file {path}: datasets could not read it as {builder} ({msg})") from None
+    finally:
+        library_log.setLevel(level)
     if len(ds) == 0:
-        raise ValueError(f"task file {path} has no rows")
+        raise InputError(f"task file {path} has no rows")
     return ds.to_list()
 
 
 def _text(value, path, i: int, column: str, key: str) -> str:
     if value is None:
-        raise ValueError(f"{path}: row {i}: column {column!r} ({key}) is empty")
+        raise InputError(f"{path}: row {i}: column {column!r} ({key}) is empty")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise ValueError(f"{path}: row {i}: column {column!r} ({key}) is a {type(value).__name__}, expected text")
+        raise InputError(f"{path}: row {i}: column {column!r} ({key}) is a {type(value).__name__}, expected text")
     return value
 
 
@@ -75,20 +83,20 @@ def split_chat(messages, path, i: int, column: str) -> tuple[list[dict], str]:
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: row {i}: column {column!r} is not a JSON list of messages ({e.msg})") from None
+            raise InputError(f"{path}: row {i}: column {column!r} is not a JSON list of messages ({e.msg})") from None
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{path}: row {i}: column {column!r} must be a non-empty list of messages")
+        raise InputError(f"{path}: row {i}: column {column!r} must be a non-empty list of messages")
     clean = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{path}: row {i}: message {j} of column {column!r} must be "
+            raise InputError(f"{path}: row {i}: message {j} of column {column!r} must be "
                              f"{{'role': one of {list(ROLES)}, 'content': text}}, got {str(m)[:80]}")
         clean.append({"role": m["role"], "content": m["content"]})
     if clean[-1]["role"] != "assistant":
-        raise ValueError(f"{path}: row {i}: the last message must be the assistant's answer, got role "
+        raise InputError(f"{path}: row {i}: the last message must be the assistant's answer, got role "
                          f"{clean[-1]['role']!r}")
     if not any(m["role"] == "user" for m in clean[:-1]):
-        raise ValueError(f"{path}: row {i}: no user message before the assistant's answer")
+        raise InputError(f"{path}: row {i}: no user message before the assistant's answer")
     return clean[:-1], clean[-1]["content"]
 
 
@@ -103,16 +111,16 @@ class FileTask:
                         **{k: v for k, v in (columns or {}).items()}}
         unknown = set(self.columns) - {"prompt", "response", "messages", "bucket"}
         if unknown:
-            raise ValueError(f"task.columns has unknown keys {sorted(unknown)} (expected prompt, response, messages, "
+            raise ConfigError(f"task.columns has unknown keys {sorted(unknown)} (expected prompt, response, messages, "
                              "bucket)")
         self.verifier = load_verifier(verifier)
         self.max_canvases = int(max_canvases)
         if self.max_canvases < 1:
-            raise ValueError(f"task.max_canvases={max_canvases}: must be >= 1")
+            raise ConfigError(f"task.max_canvases={max_canvases}: must be >= 1")
         self.template, self.template_free = template or None, template_free
         self.use_template = self.template is not None
         if self.template is not None and len(self.template) > canvas_length:
-            raise ValueError(f"task.template has {len(self.template)} positions, more than task.canvas_length="
+            raise ConfigError(f"task.template has {len(self.template)} positions, more than task.canvas_length="
                              f"{canvas_length} (a template covers the first canvas)")
 
     def read(self, path: str | Path) -> list[dict]:
@@ -126,7 +134,7 @@ class FileTask:
         have = list(table[0])
         for key, col in needed.items():
             if col not in have:
-                raise ValueError(f"task file {path} has no column {col!r} (task.columns.{key}); its columns: {have}")
+                raise InputError(f"task file {path} has no column {col!r} (task.columns.{key}); its columns: {have}")
         rows = []
         for i, rec in enumerate(table, start=1):
             bucket = "" if "bucket" not in needed else str(rec[needed["bucket"]] if rec[needed["bucket"]] is not None else "")
@@ -148,7 +156,7 @@ class FileTask:
         if not path and split == "test":
             return []
         if not path:
-            raise ValueError(f"task {self.name}: no file for split {split!r} (set task.files.{split})")
+            raise InputError(f"task {self.name}: no file for split {split!r} (set task.files.{split})")
         rows = self.read(path)
         return rows[:n] if n and n > 0 else rows
 
@@ -174,3 +182,11 @@ class FileTask:
         from dgtune.tasks.jsonl import JsonlTask
 
         return JsonlTask.grade(self, row, output)
+
+
+@register_task("data")
+def build_data(cfg) -> FileTask:
+    """`task=data`: your JSON/JSONL/CSV/Parquet files, renamed columns or chat `messages`, and verifier."""
+    return FileTask(cfg.get("task_name", "data"), dict(cfg.files), cfg.canvas_length, dict(cfg.get("columns") or {}),
+                    cfg.get("verifier"), cfg.get("format"), cfg.get("template"), cfg.get("template_free", "_"),
+                    cfg.get("max_canvases", 1))

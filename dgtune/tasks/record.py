@@ -19,7 +19,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from dgtune.tasks.structured import StructuredTask, levels_from, make_row, split_counts, split_seed
+from dgtune.tasks.registry import register_task
+from dgtune.tasks.structured import (StructuredTask, levels_from, make_row, split_counts, split_seed,
+                                     structured_args)
 
 PREFIX = "record:"
 TO_JSON = str.maketrans({"(": "{", ")": "}", "#": '"'})
@@ -241,3 +243,8 @@ class RecordTask(StructuredTask):
         out["exact"] = float(output.strip() == row["response"].strip())
         return out
 
+
+@register_task("json_record")
+def build_record(cfg) -> RecordTask:
+    """`task=json_record`: levels (buckets), canvas length, canvas template."""
+    return RecordTask(*structured_args(cfg))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dgtune.errors import ConfigError, InputError
 from dgtune.tasks.base import make_row
 
 SPLIT_SEED = {"train": 0, "val": 7_919, "test": 15_485_863}
@@ -52,7 +53,7 @@ class StructuredTask:
                 try:
                     rows.append(self.row_from_prompt(line.strip()))
                 except ValueError as e:
-                    raise ValueError(f"{p}:{lineno}: {e}") from None
+                    raise InputError(f"{p}:{lineno}: {e}") from None
         return rows
 
 
@@ -67,29 +68,17 @@ def levels_from(spec: dict | None, level_cls, default: dict) -> dict:
         try:
             out[name] = level_cls(**dict(fields))
         except TypeError as e:
-            raise ValueError(f"level {name!r}: {e} (fields of {level_cls.__name__}: "
+            raise ConfigError(f"level {name!r}: {e} (fields of {level_cls.__name__}: "
                              f"{list(level_cls.__dataclass_fields__)})") from None
     if not out:
-        raise ValueError(f"no {level_cls.__name__} levels given")
+        raise ConfigError(f"no {level_cls.__name__} levels given")
     return out
 
 
-__all__ = ["StructuredTask", "build_structured", "levels_from", "make_row", "split_counts", "split_seed"]
+__all__ = ["StructuredTask", "levels_from", "make_row", "split_counts", "split_seed", "structured_args"]
 
 
-def build_structured(cfg):
-    """The countdown, json_record or coloring task of a `configs/task/*.yaml` (levels, canvas_length, template)."""
-    from dgtune.tasks.coloring import ColoringTask
-    from dgtune.tasks.countdown import CountdownTask
-    from dgtune.tasks.record import RecordTask
-
+def structured_args(cfg) -> tuple[dict | None, int | None, bool]:
+    """(levels, canvas_length, template) of a structured task's config (`task.levels`, ...)."""
     levels = {k: dict(v) for k, v in (cfg.get("levels") or {}).items()} or None
-    canvas, template = cfg.get("canvas_length"), bool(cfg.get("template", False))
-    if cfg.name == "countdown":
-        if template:
-            raise ValueError("countdown has no canvas template (an expression has no fixed structure); set task.template=false")
-        return CountdownTask(levels, canvas, bool(cfg.get("require_all", False)))
-    makers = {"json_record": RecordTask, "coloring": ColoringTask}
-    if cfg.name not in makers:
-        raise ValueError(f"unknown structured task {cfg.name!r}; known: countdown, {', '.join(makers)}")
-    return makers[cfg.name](levels, canvas, template)
+    return levels, cfg.get("canvas_length"), bool(cfg.get("template", False))

@@ -7,18 +7,16 @@ Pure Python + stdlib.
 from __future__ import annotations
 
 import os
-import sys
 import random
+import sys
+
+from dgtune.errors import SudokuFormatError  # raised here; defined with dgtune's other errors
 
 __all__ = [
     "SudokuFormatError", "box_shape", "count_solutions", "solve", "random_solution", "make_unique_puzzle",
     "transform", "generate_puzzles", "bucket", "check_grid", "parse_grid", "grade", "read_csv",
     "format_prompt", "format_response",
 ]
-
-
-class SudokuFormatError(ValueError):
-    """A malformed Sudoku grid or CSV file (the message names the file, line and reason)."""
 
 
 def box_shape(size: int) -> tuple[int, int]:

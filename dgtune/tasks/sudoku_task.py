@@ -7,8 +7,10 @@ import random
 import torch
 import torch.nn.functional as F
 
+from dgtune.errors import ConfigError
 from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
+from dgtune.tasks.registry import register_task
 
 SPLIT_SEED = {"train": 0, "val": 7_919, "test": 15_485_863}
 MARKERS = "abcdefghijklmnopqrstuvwxyz#"  # layout "boxes": one marker per (row, box) segment, 27 for 9x9
@@ -21,7 +23,7 @@ def layout_positions(size: int, layout: str) -> list[int]:
     that every cell reads its row and box from the marker before it (rotary positions alone are relative: a cell
     cannot tell which row it is in)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"task.layout={layout!r}: expected one of {LAYOUTS}")
+        raise ConfigError(f"task.layout={layout!r}: expected one of {LAYOUTS}")
     if layout == "flat":
         return list(range(size * size))
     _, bw = sudoku.box_shape(size)
@@ -36,10 +38,10 @@ class SudokuTask:
                  use_template: bool = False, compact_prompt: bool = False, fresh_per_base: int = 8,
                  layout: str = "flat"):
         if compact_prompt and not use_template:
-            raise ValueError("task.compact_prompt=true needs task.template=true: the givens must be in the canvas "
+            raise ConfigError("task.compact_prompt=true needs task.template=true: the givens must be in the canvas "
                              "when the prompt no longer carries the grid")
         if fresh_per_base < 1:
-            raise ValueError(f"task.fresh_per_base={fresh_per_base}: must be >= 1")
+            raise ConfigError(f"task.fresh_per_base={fresh_per_base}: must be >= 1")
         self.size = size
         self.use_template = use_template
         self.compact_prompt = compact_prompt
@@ -52,7 +54,7 @@ class SudokuTask:
         self.test_buckets = dict(test_buckets) if test_buckets else {"all": list(train_givens)}
         self.canvas_length = canvas_length or self.response_length + 1
         if self.canvas_length <= self.response_length:
-            raise ValueError(f"task.canvas_length={self.canvas_length}: the {layout} layout needs at least "
+            raise ConfigError(f"task.canvas_length={self.canvas_length}: the {layout} layout needs at least "
                              f"{self.response_length + 1} (response + EOS)")
 
     def format_response(self, grid: str) -> str:
@@ -184,3 +186,12 @@ class SudokuTask:
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Rules first (`solved`), then the reference (`exact`, `cell_acc`)."""
         return sudoku.grade(row["puzzle"], row["solution"] or None, self.parse_output(output), self.size)
+
+
+@register_task("sudoku")
+def build_sudoku(cfg) -> SudokuTask:
+    """`task=sudoku4` / `task=sudoku9`: size, training givens, test buckets, canvas template and layout."""
+    buckets = {k: list(v) for k, v in (cfg.get("test_buckets") or {}).items()}
+    return SudokuTask(cfg.size, tuple(cfg.train_givens), buckets or None, cfg.get("canvas_length"),
+                      bool(cfg.get("template", False)), bool(cfg.get("compact_prompt", False)),
+                      int(cfg.get("fresh_per_base", 8)), cfg.get("layout", "flat"))

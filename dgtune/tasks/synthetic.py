@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 
-from dgtune.tasks.base import make_row
+from dgtune.errors import ConfigError
+from dgtune.tasks.base import Mixture, make_row
+from dgtune.tasks.registry import register_task
 
 SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
@@ -140,3 +142,23 @@ class AdditionTask:
         return rows
 
     grade = staticmethod(_exact_grade)
+
+
+@register_task("pretrain_mix")
+def build_pretrain_mix(cfg) -> Mixture:
+    """`task=pretrain_mix`: the generated tasks of the base's pretraining mixture, weighted by `task.weights`."""
+    makers = {"latin9": lambda: LatinSquareTask(9), "latin4": lambda: LatinSquareTask(4), "sort": SortTask,
+              "rev": ReverseTask, "add": AdditionTask}
+    unknown = set(cfg.weights) - set(makers)
+    if unknown:
+        raise ConfigError(f"task.weights has unknown tasks {sorted(unknown)}; known: {sorted(makers)}")
+    return Mixture([makers[k]() for k in cfg.weights], list(cfg.weights.values()), cfg.canvas_length, cfg.name)
+
+
+@register_task("synthetic")
+def build_synthetic(cfg):
+    """One generated task of the pretraining mixture (`task.kind`: sort or rev), e.g. inside `task=mixture`."""
+    makers = {"sort": SortTask, "rev": ReverseTask}
+    if cfg.kind not in makers:
+        raise ConfigError(f"task.kind={cfg.kind!r}: expected one of {sorted(makers)}")
+    return makers[cfg.kind](cfg.get("min_len", 4), cfg.get("max_len", 40))

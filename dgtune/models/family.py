@@ -1,0 +1,82 @@
+"""Model families: what dgtune must know of a diffusion-LM family, in one small profile per family.
+
+A profile holds the facts that differ between families: how to recognise the family from a model's config (the
+architecture first, then `model_type`: two families may share a model type), the transformers class that loads it,
+the LoRA target pattern (attention and dense-MLP linears, anchored so that output heads are never hit), the MoE
+router parameters a full fine-tune keeps frozen, and the modules a 4-bit / 8-bit load keeps in 16 bits. Each family
+joins `FAMILIES` where it is defined (`register_family`); DiffusionGemma is the first. The next family is one
+profile (and the model calls it needs), not an edit of every module that loads, wraps or quantises a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family's facts (see the module docstring)."""
+
+    name: str
+    architectures: tuple[str, ...]  # config.architectures values (checked first)
+    model_types: tuple[str, ...]  # config.model_type values
+    model_class: str  # the transformers class that loads a checkpoint of this family
+    lora_target_modules: str  # peft regex over module names: the linears LoRA adapts by default
+    router_param: str | None = None  # substring of the MoE router's parameter names (frozen in a full fine-tune)
+    quant_skip_modules: tuple[str, ...] = ()  # module-name suffixes kept 16-bit by bitsandbytes loads
+    noise: str = "uniform"  # the noise the family was trained with ("uniform" random tokens or "mask")
+
+    def load_class(self):
+        """The transformers class named by `model_class`."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+
+FAMILIES: dict[str, ModelFamily] = {}  # family name -> profile
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add `family` to `FAMILIES` (by its name); returns it."""
+    FAMILIES[family.name] = family
+    return family
+
+
+DIFFUSION_GEMMA = register_family(ModelFamily(
+    name="diffusion_gemma",
+    architectures=("DiffusionGemmaForBlockDiffusion",),
+    model_types=("diffusion_gemma",),
+    model_class="DiffusionGemmaForBlockDiffusion",
+    # attention q/k/v/o and the dense MLP of the encoder's and the decoder's layers: the released reference
+    # fine-tune's targets; the LM head, the self-conditioning MLP, router and experts are not matched
+    lora_target_modules=r"model\.(encoder\.language_model|decoder)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+    router_param=".router.",  # router.proj.weight, router.scale, router.per_expert_scale
+    # the tied LM head and the router projections (exact routing, 0.04% of the 26B); transformers' default skip
+    # list would quantise no layer linear at all (dgtune.models.quant)
+    quant_skip_modules=("lm_head", "router.proj"),
+    noise="uniform",
+))
+
+
+def family_of(model_or_config) -> ModelFamily:
+    """The family of a model (peft-wrapped or not) or of its config: by architecture first, then by model type;
+    a clear error names what was found and the families dgtune knows."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(model_or_config, "get_base_model"):  # a peft wrapper
+        config = model_or_config.get_base_model().config
+    architectures = tuple(getattr(config, "architectures", None) or ())
+    if not architectures and hasattr(model_or_config, "config"):
+        base = model_or_config.get_base_model() if hasattr(model_or_config, "get_base_model") else model_or_config
+        architectures = (type(base).__name__,)
+    for fam in FAMILIES.values():
+        if set(architectures) & set(fam.architectures):
+            return fam
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    known = ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in FAMILIES.values())
+    from dgtune.errors import InputError
+
+    raise InputError(f"model architecture {list(architectures)} / model_type {model_type!r} is not a family dgtune "
+                     f"supports (known: {known})")

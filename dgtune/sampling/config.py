@@ -1,0 +1,84 @@
+"""The sampler's settings and results, shared by the reference loop (`reference.py`), the fast loop (`fast.py`),
+the step statistics (`stats.py`, `triton_stats.py`) and the front door (`sampler.py`); this module imports no
+other sampler module, so none of them import each other in a circle.
+
+`sampler_config(cfg)` builds a `SamplerConfig` from a run's Hydra config (`cfg.sampler`, `cfg.objective`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+CONFIG_DEFAULT_MODE = "fast"  # sampler mode when a run's config does not set one (runs saved before `mode` existed)
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler settings (mirrors `configs/sampler/*.yaml`)."""
+
+    strategy: str = "entropy_bound"
+    max_steps: int = 48
+    t_max: float = 0.8
+    t_min: float = 0.4
+    entropy_bound: float = 0.1
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_canvases: int = 1
+    mode: str = "reference"  # "reference": same draws as transformers' generate(); "fast": dgtune.sampling.fast
+    noise: str = "uniform"  # "uniform" (renoise with random tokens) | "mask" (absorbing [MASK] noise)
+    mask_token_id: int | None = None  # for noise="mask" (default: the model config's mask_token_id)
+    threshold: float = 0.9  # strategy "threshold": commit positions with max-prob > threshold
+    commit: str = "sample"  # committed strategies commit the sampled token ("sample") or the argmax ("argmax")
+    sync_every: int = 0  # fast mode: retire finished rows every N steps (0: 1 on CPU, 4 on accelerators)
+    stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
+    decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)
+    decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
+    prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo" (leave-one-out posterior)
+    compile: bool = False  # fast mode: torch.compile the fused decoder (pays off over long evals)
+    self_conditioning: bool = True  # feed each step's logits to the next (as generate()); off for models trained
+    # without it (objective.self_cond_p=0), which never saw that signal in training
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns: the tokens of every canvas run, pad after each row's first EOS, and the decoder
+    forward passes each row cost."""
+
+    tokens: torch.Tensor  # [b, n_canvases * l], pad after the first EOS
+    nfe: torch.Tensor  # [b] decoder forward passes per sequence
+
+
+class StepStats(NamedTuple):
+    entropy: torch.Tensor  # [n] float32, entropy of softmax(logits / temperature)
+    max_prob: torch.Tensor  # [n] float32
+    argmax: torch.Tensor  # [n] int64 (first maximum)
+    margin: torch.Tensor  # [n] float32, top1 - top2 probability
+    sample: torch.Tensor | None  # [n] int64 Gumbel-max sample, None without noise
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Tokens [b, n] with every position after a row's first EOS set to `pad_id` (the EOS itself is kept): the
+    output rule of every sampler mode."""
+    is_eos = tokens == eos_id
+    after_eos = (torch.cumsum(is_eos.long(), -1) - is_eos.long()) > 0
+    return torch.where(after_eos, torch.full_like(tokens, pad_id), tokens)
+
+
+def sampler_config(cfg, tokenizer=None) -> SamplerConfig:
+    """SamplerConfig from a run's config `cfg.sampler` (the `name` key is a label, not a setting); `mode` defaults
+    to fast, `prediction` follows `cfg.objective.prediction` and, with noise "mask", `mask_token_id` is the
+    tokenizer's."""
+    from omegaconf import OmegaConf
+
+    d = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "name"}
+    d.setdefault("mode", CONFIG_DEFAULT_MODE)
+    if "objective" in cfg:  # what the decoder outputs is fixed by how the model was trained
+        d["prediction"] = cfg.objective.get("prediction", "denoiser")
+        # a model trained without the self-conditioning pass never saw previous logits as input: do not feed them
+        d.setdefault("self_conditioning", float(cfg.objective.get("self_cond_p", 0.5)) > 0)
+    if d.get("noise") == "mask" and d.get("mask_token_id") is None and tokenizer is not None:
+        d["mask_token_id"] = tokenizer.mask_token_id
+    return SamplerConfig(**d)

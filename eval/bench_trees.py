@@ -1,12 +1,12 @@
 """Benchmark (not a test): is one source tree slower than another at the training step and the sampler step?
 
-    python eval/bench_trees.py BEFORE_TREE AFTER_TREE [--rounds 3] [--train-steps 30] [--threads 2]
+    python eval/bench_trees.py BEFORE_TREE AFTER_TREE [--rounds 3] [--train-steps 60] [--threads 2]
 
 Each round runs, in a fresh process per tree and alternating the trees (before, after, after, before, ...), the
 same two measurements through APIs both trees have: (1) `train()` of `recipe=sudoku` for `--train-steps` steps
 (no eval, no checkpoint until the end; the loop's own wall time, `summary["train_minutes"]`) and (2) the fast
 sampler (`dgtune.sampling.sampler.sample`, the eval default) on 64 test prompts of 9x9 Sudoku (medium) at 12 and 48
-steps, median of 3 calls after a warm-up. Prints each figure and, last, `train_ratio=X.XXX sampler_ratio=Y.YYY`
+steps (`topk_confidence`: every call runs all its steps), median of 5 calls after a warm-up. Prints each figure and, last, `train_ratio=X.XXX sampler_ratio=Y.YYY`
 (after / before, medians over rounds; <= 1.05 means the after tree is no more than 5% slower). Run it alone on
 the machine: another job on the CPU makes the figures meaningless.
 """
@@ -47,9 +47,11 @@ rows = [r for r in splits_for(task, cfg)["test"] if r.get("bucket") == "medium"]
 prompts = torch.tensor([prompt_ids(tok, row_prompt(r)) for r in rows])
 tmpl = task.template_tensor(tok, rows) if getattr(task, "use_template", False) else None
 for steps in (12, 48):
-    scfg = SamplerConfig(mode="fast", max_steps=steps)
+    # the fast sampler as eval runs it (fp32 fused decoder, template clamped), with a fixed-schedule strategy so
+    # that every call runs all its steps (entropy_bound stops confident rows early: too short to time)
+    scfg = SamplerConfig(mode="fast", strategy="topk_confidence", max_steps=steps)
     times = []
-    for rep in range(4):
+    for rep in range(6):
         t0 = time.perf_counter()
         sample(model, prompts, scfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id,
                task.canvas_length, row_seeds=torch.arange(len(rows)), template=tmpl)
@@ -78,7 +80,7 @@ def main() -> None:
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     figures = {"before": [], "after": []}

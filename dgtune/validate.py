@@ -170,6 +170,12 @@ def check_config(cfg: DictConfig, sections=("trainer", "eval", "task", "sampler"
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
     if "model" in sections and "model" in cfg:
         _check_model(cfg.model)
+    if "trainer" in sections and cfg.get("method") is not None:
+        from dgtune.methods import METHODS
+
+        name = cfg.method.get("name")
+        if name not in METHODS:
+            raise ConfigError(f"method.name={name!r} is not allowed: expected one of {', '.join(METHODS)}")
     if "sampler" in sections and "sampler" in cfg:
         t_min, t_max = cfg.sampler.get("t_min"), cfg.sampler.get("t_max")
         if isinstance(t_min, (int, float)) and isinstance(t_max, (int, float)) and t_min > t_max:

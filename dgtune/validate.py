@@ -170,6 +170,11 @@ def check_config(cfg: DictConfig, sections=("trainer", "eval", "task", "sampler"
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
     if "model" in sections and "model" in cfg:
         _check_model(cfg.model)
+    if "objective" in sections and cfg.get("objective") is not None and cfg.objective.get("kind") is not None:
+        from dgtune.diffusion.objective import NOISES
+
+        if cfg.objective.kind not in NOISES:
+            raise ConfigError(f"objective.kind={cfg.objective.kind!r} is not allowed: expected one of {', '.join(NOISES)}")
     if "trainer" in sections and cfg.get("method") is not None:
         from dgtune.methods import METHODS
 

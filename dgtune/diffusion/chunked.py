@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dgtune.diffusion.objective import ar_targets, flat_token_weights, loo_log_likelihoods, masked_token_weights
+from dgtune.diffusion.objective import ar_targets, loo_log_likelihoods
 
 
 def softcapped_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -106,24 +106,20 @@ def linear_cross_entropy(
 
 def chunked_canvas_loss(
     hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, chunk: int, clean: torch.Tensor,
-    noisy: torch.Tensor, corrupted: torch.Tensor, t: torch.Tensor, position_weight: torch.Tensor | None,
-    kind: str, prediction: str, t_min: float = 1e-3,
+    noisy: torch.Tensor, t: torch.Tensor, token_weight: torch.Tensor, loo: bool,
 ) -> torch.Tensor:
-    """The canvas loss of `denoising_loss` (flat CE, mean_loo's posterior CE, or the masked 1/max(t, t_min) CE)
-    from the decoder's final hidden states [b, l, d]. clean, noisy, corrupted: [b, l]; t: [b]; position_weight:
-    [b, l] (0 = template position) or None."""
+    """The canvas loss of `denoising_loss` from the decoder's final hidden states [b, l, d], `chunk` tokens at a
+    time: sum of `token_weight` [b, l] (the noise kind's, `Noise.token_weights`) x cross-entropy of the clean tokens
+    [b, l]; with `loo` (prediction mean_loo) of the denoising posterior implied at the observed tokens `noisy`
+    [b, l] and levels t [b]."""
     b, l = clean.shape
     h = hidden.reshape(b * l, -1)  # [b l, d]
-    if kind == "masked":
-        w = masked_token_weights(clean, corrupted, t, position_weight, t_min)  # [b, l]
-        return linear_cross_entropy(h, weight, clean.flatten(), w.flatten(), cap, chunk)
-    w = flat_token_weights(clean, position_weight)  # [b, l]
-    if prediction != "mean_loo":
-        return linear_cross_entropy(h, weight, clean.flatten(), w.flatten(), cap, chunk)
+    if not loo:
+        return linear_cross_entropy(h, weight, clean.flatten(), token_weight.flatten(), cap, chunk)
     log_other, log_same = loo_log_likelihoods(t.float(), weight.shape[0])  # [b], [b]
     return linear_cross_entropy(
-        h, weight, clean.flatten(), w.flatten(), cap, chunk, log_other.repeat_interleave(l), noisy.flatten(),
-        log_same.repeat_interleave(l),
+        h, weight, clean.flatten(), token_weight.flatten(), cap, chunk, log_other.repeat_interleave(l),
+        noisy.flatten(), log_same.repeat_interleave(l),
     )
 
 

@@ -17,12 +17,10 @@ from dgtune.diffusion.model_calls import (
 from dgtune.diffusion.objective import (
     ObjectiveConfig,
     ar_co_loss,
+    canvas_cross_entropy,
     corrupt_further,
-    corrupt_masked,
-    corrupt_uniform,
-    flat_canvas_loss,
     loo_to_denoiser_logits,
-    masked_canvas_loss,
+    noise_for,
     sample_noise_level,
     softcap,
 )
@@ -90,18 +88,10 @@ def denoising_loss(
     clean, keep, ctx_len = pick_blocks(clean, keep, prompt_len, batch.get("block_count"), generator)
     l = clean.shape[1]
 
-    if cfg.prediction not in ("denoiser", "mean_loo") or (cfg.prediction == "mean_loo" and cfg.kind != "uniform"):
-        raise ValueError(f"objective.prediction={cfg.prediction!r} with kind={cfg.kind!r}: expected 'denoiser', or "
-                         "'mean_loo' with uniform noise (for [MASK] noise the two coincide)")
+    # Corruption: the objective's noise kind (`dgtune.diffusion.objective.NOISES`)
+    noise = noise_for(cfg)
     t = sample_noise_level(b, cfg.eps, generator, device, cfg.t_power)  # [b]
-    if cfg.kind == "uniform":
-        noisy, corrupted = corrupt_uniform(clean, t, vocab_size, generator, keep)
-    elif cfg.kind == "masked":
-        if mask_token_id is None:
-            raise ValueError("objective.kind=masked needs a tokenizer with a mask token")
-        noisy, corrupted = corrupt_masked(clean, t, mask_token_id, generator, keep)
-    else:
-        raise ValueError(f"unknown objective.kind={cfg.kind!r} (expected 'uniform' or 'masked')")
+    noisy, corrupted = noise.corrupt(clean, t, vocab_size, mask_token_id, generator, keep)  # [b, l], [b, l]
     sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
 
     sc_input = t_sc = None  # the self-conditioning pass' canvas [b, l] and its noise level [b], when it runs
@@ -110,10 +100,7 @@ def denoising_loss(
         if cfg.sc_noise_gap > 0:  # as when sampling: the previous logits came from a noisier canvas
             t_more = (t + cfg.sc_noise_gap).clamp(max=1.0 - cfg.eps)  # [b]
             t_sc = t_more
-            if cfg.kind == "uniform":
-                replacement = torch.randint(0, vocab_size, (b, l), generator=generator, device=device)
-            else:
-                replacement = torch.full_like(clean, mask_token_id)
+            replacement = noise.replacement(clean, vocab_size, mask_token_id, generator)  # [b, l]
             sc_input, _ = corrupt_further(noisy, corrupted, t, t_more, replacement, generator, keep)
 
     # The encoder reads the whole clean sequence (its AR co-loss covers it); the decoder sees only the prompt part
@@ -159,20 +146,19 @@ def denoising_loss(
         self_conditioning_embeddings=sc_embeds,
     )  # [b, l, d]
 
+    # The head: the canvas cross-entropy with the noise kind's per-position weights, from full logits or chunked
     weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
+    token_weight = noise.token_weights(clean, corrupted, t, weight, cfg)  # [b, l]
+    loo = cfg.prediction == "mean_loo"  # the decoder predicts the leave-one-out posterior
     if chunk:
         lm_weight, cap = lm_head_weight(model)
-        diff = chunked_canvas_loss(hidden, lm_weight, cap, chunk, clean, noisy, corrupted, t, weight, cfg.kind,
-                                   cfg.prediction, cfg.t_min_weight)
+        diff = chunked_canvas_loss(hidden, lm_weight, cap, chunk, clean, noisy, t, token_weight, loo)
         ar = chunked_ar_loss(enc_hidden, lm_weight, cap, chunk, input_ids, attention_mask) if cfg.ar_weight > 0 else None
     else:
         logits = lm_logits(model, hidden)  # [b, l, v]
-        if cfg.kind == "uniform":
-            if cfg.prediction == "mean_loo":  # the decoder predicts the leave-one-out posterior
-                logits = loo_to_denoiser_logits(logits, noisy, t)
-            diff = flat_canvas_loss(logits, clean, weight)
-        else:
-            diff = masked_canvas_loss(logits, clean, corrupted, t, weight, cfg.t_min_weight)
+        if loo:
+            logits = loo_to_denoiser_logits(logits, noisy, t)
+        diff = canvas_cross_entropy(logits, clean, token_weight)
         ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
     out = {"diffusion_loss": diff.detach()}

@@ -22,6 +22,7 @@ All randomness comes from an explicit `torch.Generator`, drawn in a fixed order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,70 @@ def masked_canvas_loss(
     t = eps = 1e-4 it would be 1e4); without a template this is the sum over the batch / (b * l)."""
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
     return (ce * masked_token_weights(target, corrupted, t, weight, t_min)).sum()
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One corruption kind of the objective (`objective.kind`), all the loss needs to know of it:
+    `corrupt(clean [b, l], t [b], vocab_size, mask_id, generator, keep) -> (noisy [b, l], corrupted [b, l] bool)`;
+    `replacement(clean, vocab_size, mask_id, generator) -> [b, l]` the tokens a further corruption writes (the
+    self-conditioning pass with `sc_noise_gap`); `token_weights(clean, corrupted, t, weight, cfg) -> [b, l]` the
+    per-position weights of the canvas cross-entropy (the loss is their weighted sum; `weight` [b, l]: 0 = template
+    position); `predictions`: the decoder outputs it supports ("mean_loo" reads the output as a leave-one-out
+    posterior and needs uniform noise)."""
+
+    corrupt: Callable
+    replacement: Callable
+    token_weights: Callable
+    predictions: tuple[str, ...] = ("denoiser",)
+
+
+NOISES: dict[str, Noise] = {}  # objective.kind -> Noise
+
+
+def register_noise(name: str, noise: Noise) -> Noise:
+    """Add `noise` as `objective.kind=name`; returns it."""
+    NOISES[name] = noise
+    return noise
+
+
+def _need_mask(mask_id: int | None) -> int:
+    if mask_id is None:
+        raise ValueError("objective.kind=masked needs a tokenizer with a mask token")
+    return mask_id
+
+
+register_noise("uniform", Noise(  # the released DiffusionGemma recipe
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_uniform(clean, t, vocab, gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.randint(0, vocab, clean.shape, generator=gen,
+                                                                 device=clean.device),
+    token_weights=lambda clean, corrupted, t, weight, cfg: flat_token_weights(clean, weight),
+    predictions=("denoiser", "mean_loo"),
+))
+register_noise("masked", Noise(  # LLaDA / MDLM
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_masked(clean, t, _need_mask(mask_id), gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
+    token_weights=lambda clean, corrupted, t, weight, cfg: masked_token_weights(clean, corrupted, t, weight,
+                                                                                 cfg.t_min_weight),
+))
+
+
+def noise_for(cfg: ObjectiveConfig) -> Noise:
+    """The `Noise` of `cfg.kind`, checked against `cfg.prediction` (a clear error naming both)."""
+    if cfg.kind not in NOISES:
+        raise ValueError(f"unknown objective.kind={cfg.kind!r} (expected one of {', '.join(NOISES)})")
+    noise = NOISES[cfg.kind]
+    if cfg.prediction not in noise.predictions:
+        raise ValueError(f"objective.prediction={cfg.prediction!r} with kind={cfg.kind!r}: expected one of "
+                         f"{', '.join(noise.predictions)} (for [MASK] noise a leave-one-out output and a denoiser coincide)")
+    return noise
+
+
+def canvas_cross_entropy(logits: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """The canvas loss from full logits: sum over positions of `token_weight` [b, l] x cross-entropy (logits
+    [b, l, v], target [b, l])."""
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)  # [b, l]
+    return (ce * token_weight).sum()
 
 
 def ar_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ tests/test_memory_plan.py; the vision tower is not counted). Memory = weights (s
 FSDP/ZeRO-3, plus one gathered layer) + LoRA params, fp32 grads and AdamW's two fp32 states (sharded) +
 activations saved for backward (not sharded) + logits. Activations are counted per token and layer from the
 tensors autograd keeps (`saved_elements_per_token`; `act_scale` can rescale them, 1 = as derived); one fixed
-`overhead` (eval/memory_plan.py fits it on one measured CPU setting and checks the others).
+`overhead` (eval/bench/memory_plan.py fits it on one measured CPU setting and checks the others).
 """
 
 from __future__ import annotations

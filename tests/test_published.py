@@ -1,4 +1,4 @@
-"""The published 9x9 Sudoku adapter (models/sudoku9-solve-lora) stays loadable: by `python -m dgtune.eval FOLDER`
+"""The published 9x9 Sudoku adapter (published_adapters/sudoku9-solve-lora) stays loadable: by `python -m dgtune.eval FOLDER`
 and by plain peft on the bundled base, with a portable base name and within the size limit."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from test_cli import ROOT, run_cli
 
-PUBLISHED = ROOT / "models" / "sudoku9-solve-lora"
+PUBLISHED = ROOT / "published_adapters" / "sudoku9-solve-lora"
 
 
 def test_published_folder_is_small_portable_and_carded():

@@ -77,7 +77,7 @@ def test_transformers_default_skip_list_quantises_no_layer_linear():
 def test_layer_linears_quantised_and_tied(quantised, mode):
     """Every attention / dense-MLP linear of encoder and decoder layers is a bitsandbytes module holding the SAME
     quantised weight object in both; router, LM head, embedding and the 3-D experts stay 16/32-bit; the count of
-    quantised text parameters is dgtune.memory's `quantised_parameters` (what eval/memory_plan.py assumes)."""
+    quantised text parameters is dgtune.memory's `quantised_parameters` (what eval/bench/memory_plan.py assumes)."""
     if PROBLEM[mode]:
         pytest.skip(PROBLEM[mode])
     import bitsandbytes as bnb

@@ -33,7 +33,7 @@ def unwrap(model):
 @functools.lru_cache(maxsize=None)
 def cache_arg(module_type: type) -> str:
     """The name of the KV-cache argument of `module_type.forward`: transformers renamed `past_key_values` to `cache`
-    after 5.17 (dgtune supports both ends; eval/test_low_pins.sh tests 5.17)."""
+    after 5.17 (dgtune supports both ends; eval/ci/test_low_pins.sh tests 5.17)."""
     return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
 
 

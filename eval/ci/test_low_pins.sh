@@ -2,7 +2,7 @@
 # Test dgtune at the LOW end of its dependency ranges (pyproject.toml); the high end is the dev venv
 # (`pip install -e ".[dev]"` resolves the newest). Creates a venv with the floors, then runs a test subset there.
 #
-#     bash eval/test_low_pins.sh [VENV=/tmp/venv-low] [pytest args...]
+#     bash eval/ci/test_low_pins.sh [VENV=/tmp/venv-low] [pytest args...]
 #
 # torch 2.13.0 first (pip keeps the wheel you chose). Default tests: objective (vs model.forward), sampler (vs
 # transformers' generate()), chunked loss + gradient checkpointing, sliding window, CLI (train/resume/eval/export).

@@ -1,10 +1,10 @@
 """Memory plan: dgtune.memory's prediction checked against measured CPU steps, then the plan for the real 26B.
 
-    OMP_NUM_THREADS=1 python eval/memory_plan.py [--skip-measure]
+    OMP_NUM_THREADS=1 python eval/bench/memory_plan.py [--skip-measure]
 
 1. Measured: the bench_train step (`denoising_loss` + backward + AdamW, LoRA default targets, released objective
    with self-conditioning on every example) on a 26B-shaped model (MEASURED_SIZES, vocab 262,144) in fp32 on CPU,
-   each setting in its own subprocess through `eval/bench_train.py`'s `run_row` (peak RSS minus RSS after load).
+   each setting in its own subprocess through `eval/bench/bench_train.py`'s `run_row` (peak RSS minus RSS after load).
    Activations are as derived (act_scale=1); the one constant, a fixed runtime overhead (allocator, autograd/BLAS
    workspaces), is fitted on the FIRST setting only; the others are the check.
 2. Plan: the real 26B (`REAL_26B`, from dgtune/models/shaped.py's table) on 1x H100 80 GB, 1x 24 GB (4-bit) and
@@ -18,7 +18,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
 

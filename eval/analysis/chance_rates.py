@@ -1,6 +1,6 @@
 """Chance level of the coloring task: the solved rate of uniformly random colours on the test split, per bucket.
 
-`python eval/chance_rates.py [overrides]` composes the config like `dgtune.train` (e.g. `recipe=coloring`), builds the
+`python eval/analysis/chance_rates.py [overrides]` composes the config like `dgtune.train` (e.g. `recipe=coloring`), builds the
 same test split (no model) and prints, per bucket, the mean over rows of P(random colours are proper), computed
 exactly (`dgtune.tasks.coloring.chance_solved`). A tuned model should beat this, not just the base.
 

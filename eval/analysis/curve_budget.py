@@ -7,7 +7,7 @@ time per sequence comes from the run's own `metrics.jsonl` (`train/elapsed_s` ag
 log(sequences) is a guess about the future, not a measurement: the script prints the fit's residuals so the reader
 can judge it.
 
-Launch: `python eval/curve_budget.py runs/solve_pilot --from-step 1950 [--speed-from OTHER_RUN_DIR]`
+Launch: `python eval/analysis/curve_budget.py runs/solve_pilot --from-step 1950 [--speed-from OTHER_RUN_DIR]`
 (`--speed-from`: take the time per sequence from another run of the same recipe, e.g. one timed alone)
 """
 

@@ -1,6 +1,6 @@
 """Benchmark: dgtune's fast sampler against transformers' `DiffusionGemmaForBlockDiffusion.generate()` (not a test).
 
-    python eval/bench_sampler.py [--run RUN_DIR] [--size 9|4] [--quick] [--reps 3] [--n-single 8] [--threads 1]
+    python eval/bench/bench_sampler.py [--run RUN_DIR] [--size 9|4] [--quick] [--reps 3] [--n-single 8] [--threads 1]
                                  [--sampler NAME] [--decoder auto|fused|transformers] [--dtype fast|auto|float32|bfloat16]
                                  [--compile | --no-compile]
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Benchmark: training tokens/s and peak memory of one dgtune step at a 262,144-token vocabulary (not a test).
 
-    OMP_NUM_THREADS=1 python eval/bench_train.py [--builder dgtune.models.shaped:build_shaped_model] [--batch 4]
+    OMP_NUM_THREADS=1 python eval/bench/bench_train.py [--builder dgtune.models.shaped:build_shaped_model] [--batch 4]
         [--prompt 24] [--canvas 32] [--steps 3] [--chunks 128,32,256] [--device cpu|cuda] [--objective released]
 
 One LoRA training step (configs/lora/default.yaml targets, the released objective with self-conditioning on every
@@ -42,7 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402

@@ -1,4 +1,4 @@
-"""Print the README's results table from finished runs: `python eval/results_table.py RUN_DIR [RUN_DIR ...]`.
+"""Print the README's results table from finished runs: `python eval/analysis/results_table.py RUN_DIR [RUN_DIR ...]`.
 
 For each run (and each `report.json` under it, e.g. `RUN_DIR/d1/report.json` from a `task.test_file` eval) it
 prints one Markdown row per (model, sampler, bucket) at the step counts asked for (`--steps`, default 4 8 12 48):

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU check of the 26B paths, for a session with a lent CUDA GPU (about 5-8 minutes on one H100/H200).
 #
-#     bash eval/gpu_check_26b.sh            # from the repository root, with dgtune's venv active
+#     bash eval/ci/gpu_check_26b.sh            # from the repository root, with dgtune's venv active
 #
 # 1. tests that only run on CUDA or need bitsandbytes' CUDA backend (4-bit / 8-bit load, QLoRA steps, fused decoder
 #    on a quantised base; unsloth's loader where unsloth is installed, else that test skips);
 # 2. the 26B-shaped model (262,144 vocabulary) trained a few LoRA steps on CUDA through the CLI with the chunked
 #    loss + gradient checkpointing, bf16, then evaluated;
-# 3. eval/bench_train.py --device cuda (plain, chunked, chunked + checkpointing, 4-bit rows), with asserts on its
+# 3. eval/bench/bench_train.py --device cuda (plain, chunked, chunked + checkpointing, 4-bit rows), with asserts on its
 #    summary: mem_ratio <= 0.5 and a 4-bit row present.
 # Output: everything to stdout; the bench table also in $OUT/bench_train_cuda.txt when $OUT is set.
 set -euo pipefail
@@ -42,8 +42,8 @@ assert (run / "final" / "adapter_model.safetensors").exists() and (run / "report
 print("[gpu_check] shaped 4-bit CLI run ok, losses", [round(x, 3) for x in losses])
 EOF
 
-echo "[gpu_check] 3/3 eval/bench_train.py --device cuda --bf16 (batch 8, prompt 256, canvas 256)"
-timeout 240 python eval/bench_train.py --device cuda --bf16 --batch 8 --prompt 256 --canvas 256 --steps 3 \
+echo "[gpu_check] 3/3 eval/bench/bench_train.py --device cuda --bf16 (batch 8, prompt 256, canvas 256)"
+timeout 240 python eval/bench/bench_train.py --device cuda --bf16 --batch 8 --prompt 256 --canvas 256 --steps 3 \
     --chunks 128 | tee "$OUT/bench_train_cuda.txt"
 python - "$OUT/bench_train_cuda.txt" <<'EOF'
 import re, sys

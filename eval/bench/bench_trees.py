@@ -1,6 +1,6 @@
 """Benchmark (not a test): is one source tree slower than another at the training step and the sampler step?
 
-    python eval/bench_trees.py BEFORE_TREE AFTER_TREE [--rounds 3] [--train-steps 60] [--threads 2]
+    python eval/bench/bench_trees.py BEFORE_TREE AFTER_TREE [--rounds 3] [--train-steps 60] [--threads 2]
 
 Each round runs, in a fresh process per tree and alternating the trees (before, after, after, before, ...), the
 same two measurements through APIs both trees have: (1) `train()` of `recipe=sudoku` for `--train-steps` steps

@@ -1,6 +1,6 @@
 """Profile one decoder forward pass of the bundled tiny DiffusionGemma (not a test): where a sampler step's time goes.
 
-    python eval/profile_decoder.py [--batch 64] [--threads 1] [--reps 6] [--table]
+    python eval/bench/profile_decoder.py [--batch 64] [--threads 1] [--reps 6] [--table]
 
 On 9x9 Sudoku-shaped inputs (prompt 91 tokens, canvas 88, self-conditioning logits), times in this process:
 transformers' decoder (what `generate()` runs each step) and `dgtune.sampling.fused_decoder.FusedDecoder` in fp32,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
@@ -69,7 +69,7 @@ def print_roofline(dec: FusedDecoder, b: int, p: int, l: int, v: int, reps: int)
 
 def print_step_overhead(model, prompts, eos: int, pad: int, steps: int, t_forward: float, t_encode: float,
                         reps: int) -> None:
-    """One whole fast-sampler call (bf16, compiled, as `eval/bench_sampler.py` runs it) against the decoder forwards
+    """One whole fast-sampler call (bf16, compiled, as `eval/bench/bench_sampler.py` runs it) against the decoder forwards
     and prompt encoding it is made of: what is left is the step loop's own work (statistics, acceptance,
     renoising, random numbers, row retirement)."""
     from dgtune.sampling.sampler import SamplerConfig, sample

@@ -2,7 +2,7 @@
 `medium`), per decoding strategy and step count, with the run's own sampler settings (how the solve9 sampler bug was
 found: iterative decoding scored below one step).
 
-Launch: `python eval/decode_checkpoint.py RUN_DIR RUN_DIR/final 1,12,48 topk_margin,topk_confidence [on|off]
+Launch: `python eval/analysis/decode_checkpoint.py RUN_DIR RUN_DIR/final 1,12,48 topk_margin,topk_confidence [on|off]
 [bucket=NAME] [n=N] [split=test] [guided=1]`. The weights folder holds an adapter or a full model (a full
 fine-tune's `checkpoints/step_N/weights`). `on|off` forces the self-conditioning input (default: as the run's
 objective says; `on` for a run trained with `objective.self_cond_p=0` is what the sampler did before that was

@@ -1,6 +1,6 @@
 """Benchmark: the Triton step-statistics kernel against the PyTorch path on a GPU (not a test).
 
-    python eval/bench_stats_kernel.py [--rows 16x88,4x256] [--vocab 262144,60] [--reps 50]
+    python eval/bench/bench_stats_kernel.py [--rows 16x88,4x256] [--vocab 262144,60] [--reps 50]
 
 For each (rows, vocab) shape, fp32 logits [rows, vocab] (Gemma's 262,144-token vocabulary by default), one sampler
 step's statistics (temperature, entropy, max-prob, margin, argmax, Gumbel-max sample from per-row hash keys) through
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Wilson 95% intervals for solved counts: `python eval/interval.py 0/64 437/500 ...`.
+"""Wilson 95% intervals for solved counts: `python eval/analysis/interval.py 0/64 437/500 ...`.
 
 The interval `dgtune.eval` writes into `report.json` (`solved_lo`, `solved_hi`), from a count and a total; used to
 restate the intervals of README rows measured before reports switched from the percentile bootstrap to Wilson.

@@ -1,6 +1,6 @@
 """Where few-step decoding loses puzzles (not a test): forward passes used by solved and failed rows.
 
-    python eval/failures_by_passes.py RUN_DIR [--steps 4,16] [--test-file CSV] [key=value ...]
+    python eval/analysis/failures_by_passes.py RUN_DIR [--steps 4,16] [--test-file CSV] [key=value ...]
 
 Samples the run's tuned adapter (the eval sampler of its config, plus any `key=value` overrides such as
 `sampler.t_max=1.0`) at each step count on `--test-file` (e.g. ../shared/benchmarks/sudoku_4x4_d1_test.csv) or
@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def histogram(values) -> str:

@@ -1,6 +1,6 @@
 """Copy a finished `recipe=tiny_base` run into dgtune/assets/tiny-diffusiongemma and write its model card.
 
-Usage: `python eval/bundle_base.py runs/tiny_base-<time> [--task-report R] [--sudoku-report runs/sudoku-<time>/report.json]`
+Usage: `python eval/base/bundle_base.py runs/tiny_base-<time> [--task-report R] [--sudoku-report runs/sudoku-<time>/report.json]`
 
 `--task-report` is a report with one bucket per pretraining task, e.g. from
 `python -m dgtune.eval runs/tiny_base-<time> eval.steps=[12] eval.out_dir=runs/tiny_base-<time>/per_task`.
@@ -56,7 +56,7 @@ def main() -> None:
         "```bash",
         f"python -m dgtune.train recipe=tiny_base run_dir={run}",
         *([f"python -m dgtune.eval {run} eval.steps=[12] eval.out_dir={task_report.parent}"] if args.task_report else []),
-        f"python eval/bundle_base.py {run}" + (f" --task-report {args.task_report}" if args.task_report else "")
+        f"python eval/base/bundle_base.py {run}" + (f" --task-report {args.task_report}" if args.task_report else "")
         + (f" --sudoku-report {args.sudoku_report}" if args.sudoku_report else ""),
         "```",
         f"- steps: {steps} (batch {cfg.trainer.batch_size}, AdamW lr {cfg.trainer.lr}, warmup {cfg.trainer.warmup_steps}, "

@@ -1,24 +1,13 @@
-"""The diffusion sampler shared by training-time eval, `dgtune.eval` and `dgtune.sample`.
+"""The diffusion sampler shared by training-time eval, `dgtune.eval` and `dgtune.sample`: `sample()` is the one
+front door.
 
-Per canvas: start from uniform random tokens; each step runs the decoder on the canvas with the cached prompt KV
-and the previous step's (temperature-scaled) logits for self-conditioning; the temperature falls linearly from
-`t_max` (first step) towards `t_min`; tokens are sampled, the lowest-entropy positions are accepted while the sum of
-their entropies minus the largest stays <= `entropy_bound`, the rest are renoised; a row stops when its argmax
-canvas is unchanged for `stability_threshold` steps and its mean entropy is < `confidence_threshold`, or at
-`max_steps`. The output is the argmax canvas. Canvases continue until EOS (up to `max_canvases`).
-
-With the same seed, the random draws (canvas init, multinomial, renoise) happen in the same order and shapes as
-`DiffusionGemmaForBlockDiffusion.generate()`, the rows that emitted EOS in an earlier canvas are still denoised
-(and encoded, as pad) as there, and the self-conditioning logits are rounded to the embedding dtype as there, so
-both produce the same tokens and forward-pass counts, in fp32 and bf16, for one or several canvases
-(tests/test_sampler.py).
-
-That is `mode="reference"` (`reference.py`; the `SamplerConfig` default). `mode="fast"` (`dgtune.sampling.fast`, the default of
-`configs/sampler/*.yaml`) runs the same algorithm with retired finished rows, one-pass step statistics and
-per-row counter-based random numbers (batch invariant), and every strategy of `dgtune.sampling.strategies`
-(`entropy_bound`, `topk_confidence`, `topk_margin`, `topk_entropy`, `topk_random`, `threshold`) with uniform or
-[MASK] noise. Strategies other than `entropy_bound` with uniform noise have no `generate()` counterpart and always
-run on the fast path.
+`mode="reference"` (`reference.py`, the algorithm and its equality with transformers' `generate()` described there;
+the `SamplerConfig` default) draws what `DiffusionGemmaForBlockDiffusion.generate()` draws for the same seed.
+`mode="fast"` (`fast.py`, the default of `configs/sampler/*.yaml`) runs the same algorithm with retired finished
+rows, one-pass step statistics and per-row counter-based random numbers (batch invariant), and every strategy of
+`dgtune.sampling.strategies` (`entropy_bound`, `topk_confidence`, `topk_margin`, `topk_entropy`, `topk_random`,
+`threshold`) with uniform or [MASK] noise. Strategies other than `entropy_bound` with uniform noise, canvas
+templates and rule guides have no `generate()` counterpart and always run on the fast path.
 """
 
 from __future__ import annotations

@@ -112,11 +112,11 @@ def grade_row(task, row: dict, text: str, on_verifier_error: str = "fail") -> di
     """`task.grade(row, text)` with the grades checked (finite, in [0, 1]); `exact` None when the row has no
     reference answer. A VerifierError stops, or with `on_verifier_error="count"` the row is graded wrong."""
     from dgtune.errors import VerifierError
-    from dgtune.tasks.jsonl import GRADE_KEYS, _grade_value
+    from dgtune.tasks.base import GRADE_KEYS, grade_value
 
     try:
         grade = task.grade(row, text)
-        grade = {k: (_grade_value(v, f"task {task.name}: {k}") if k in GRADE_KEYS and v is not None else v)
+        grade = {k: (grade_value(v, f"task {task.name}: {k}") if k in GRADE_KEYS and v is not None else v)
                  for k, v in grade.items()}
     except VerifierError:
         if on_verifier_error != "count":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from dgtune.errors import ConfigError
+from dgtune.errors import ConfigError, VerifierError
 from dgtune.tasks.registry import build_task, register_task
 
 ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens", "context", "source")
@@ -23,6 +23,24 @@ def make_row(task: str, prompt: str, response: str, bucket: str = "", puzzle: st
     `source`: where the row came from (file and row), for error messages."""
     return {"task": task, "prompt": prompt, "response": response, "bucket": bucket or "", "puzzle": puzzle,
             "solution": solution, "givens": int(givens), "context": context or "", "source": source or ""}
+
+
+GRADE_KEYS = ("solved", "exact", "cell_acc", "parse_fail")  # what `Task.grade` returns, each in [0, 1]
+
+
+def grade_value(value, what: str) -> float:
+    """A verifier's grade as a float in [0, 1] (bools count as 0 / 1), or VerifierError naming `what`."""
+    import math
+
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise VerifierError(f"{what} = {value!r} is not a number in [0, 1]") from None
+    if not math.isfinite(x) or not 0.0 <= x <= 1.0:
+        raise VerifierError(f"{what} = {value!r} is not a number in [0, 1]")
+    return x
 
 
 class Task(Protocol):

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from dgtune.errors import InputError, VerifierError
-from dgtune.tasks.base import make_row
+from dgtune.tasks.base import GRADE_KEYS, grade_value, make_row
 from dgtune.tasks.registry import register_task
 
 
@@ -50,24 +50,6 @@ def load_verifier(spec: str | None):
     return getattr(mod, func)
 
 
-GRADE_KEYS = ("solved", "exact", "cell_acc", "parse_fail")
-
-
-def _grade_value(value, what: str) -> float:
-    """A verifier's grade as a float in [0, 1] (bools count as 0 / 1), or VerifierError naming `what`."""
-    import math
-
-    if isinstance(value, bool):
-        return float(value)
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise VerifierError(f"{what} = {value!r} is not a number in [0, 1]") from None
-    if not math.isfinite(x) or not 0.0 <= x <= 1.0:
-        raise VerifierError(f"{what} = {value!r} is not a number in [0, 1]")
-    return x
-
-
 def call_verifier(verifier, row: dict, output: str) -> float | dict[str, float]:
     """`verifier(row, output)`, checked: its exception, a key other than solved / exact / cell_acc / parse_fail, or
     a value that is not a finite number in [0, 1] raises VerifierError naming the verifier and the row."""
@@ -81,8 +63,8 @@ def call_verifier(verifier, row: dict, output: str) -> float | dict[str, float]:
         unknown = sorted(set(verdict) - set(GRADE_KEYS))
         if unknown:
             raise VerifierError(f"verifier {name} returned keys {unknown} on {where}; expected any of {list(GRADE_KEYS)}")
-        return {k: _grade_value(v, f"verifier {name} on {where}: {k}") for k, v in verdict.items()}
-    return _grade_value(verdict, f"verifier {name} on {where}: its verdict")
+        return {k: grade_value(v, f"verifier {name} on {where}: {k}") for k, v in verdict.items()}
+    return grade_value(verdict, f"verifier {name} on {where}: its verdict")
 
 
 class JsonlTask:

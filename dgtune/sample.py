@@ -33,7 +33,7 @@ def format_answer(task, row: dict, rec: dict) -> str:
     if size is None or not row.get("puzzle"):
         grade = " ".join(f"{k}={rec[k]:.0f}" for k in ("solved", "parse_fail") if k in rec)
         return f"{rec['output']}\n[dgtune] {grade}"
-    from dgtune.tasks import sudoku
+    from dgtune.tasks.sudoku import engine as sudoku
 
     grid = sudoku.parse_grid(rec["output"], size)
     if grid is None:

@@ -11,7 +11,7 @@ import torch
 from dgtune.config import compose
 from dgtune.data import collate_train, encode_rows, prompt_ids, row_prompt
 from dgtune.tasks import build_task
-from dgtune.tasks.files import FileTask
+from dgtune.tasks.data import DataTask
 
 pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
 
@@ -33,7 +33,7 @@ def write_jsonl(path, records):
 def test_chat_rows_put_earlier_turns_in_the_prompt_and_only_the_last_answer_in_the_canvas(tiny, tmp_path):
     _, tok = tiny
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m, "id": i} for i, m in enumerate(CHATS)])
-    task = FileTask("chat", {"train": path}, 24, {"messages": "messages"})
+    task = DataTask("chat", {"train": path}, 24, {"messages": "messages"})
     rows = task.build_split("train", 0, 0)
     items = encode_rows(tok, rows, 24, task)
     for msgs, row, it in zip(CHATS, rows, items):
@@ -95,12 +95,12 @@ def test_column_mapping_formats_buckets_template_and_verifier(tiny, tmp_path):
                        (".json", lambda p: df.to_json(p, orient="records", lines=True))):
         path = str(tmp_path / f"t{ext}")
         write(path)
-        task = FileTask("m", {"test": path}, 10, {"prompt": "question", "response": "answer", "bucket": "level"},
+        task = DataTask("m", {"test": path}, 10, {"prompt": "question", "response": "answer", "bucket": "level"},
                         verifier="json:loads")
         rows = task.build_split("test", 0, 0)
         assert [(r["prompt"], r["response"], r["bucket"]) for r in rows] == [
             ("x=1,y=2", "a=3;b=2", "1"), ("x=7,y=5", "a=12;b=35", "2")], ext
-    task = FileTask("m", {"test": path}, 10, {"prompt": "question", "response": "answer"}, template="a=_;b=_")
+    task = DataTask("m", {"test": path}, 10, {"prompt": "question", "response": "answer"}, template="a=_;b=_")
     with pytest.raises(ValueError, match=r"t.json row 2 \(m\): response token 3 is '2'.*fixes ';'"):
         encode_rows(tok, task.build_split("test", 0, 0), 10, task)
     items = encode_rows(tok, task.build_split("test", 1, 0), 10, task)
@@ -113,28 +113,28 @@ def test_clear_errors(tiny, tmp_path):
     _, tok = tiny
     path = write_jsonl(tmp_path / "t.jsonl", [{"q": "a", "a": "1"}])
     with pytest.raises(ValueError, match=r"t.jsonl has no column 'question' \(task.columns.prompt\); its columns: \['q', 'a'\]"):
-        FileTask("m", {"train": path}, 8, {"prompt": "question", "response": "a"}).build_split("train", 0, 0)
+        DataTask("m", {"train": path}, 8, {"prompt": "question", "response": "a"}).build_split("train", 0, 0)
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty.csv is empty"):
-        FileTask("m", {"train": str(tmp_path / "empty.csv")}, 8).build_split("train", 0, 0)
+        DataTask("m", {"train": str(tmp_path / "empty.csv")}, 8).build_split("train", 0, 0)
     (tmp_path / "header.csv").write_text("prompt,response\n")
     with pytest.raises(ValueError, match="header.csv has no rows"):
-        FileTask("m", {"train": str(tmp_path / "header.csv")}, 8).build_split("train", 0, 0)
+        DataTask("m", {"train": str(tmp_path / "header.csv")}, 8).build_split("train", 0, 0)
     with pytest.raises(FileNotFoundError, match="nope.parquet does not exist"):
-        FileTask("m", {"train": str(tmp_path / "nope.parquet")}, 8).build_split("train", 0, 0)
+        DataTask("m", {"train": str(tmp_path / "nope.parquet")}, 8).build_split("train", 0, 0)
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "response": "1" * 5}, {"prompt": "p", "response": "1" * 16}])
-    task = FileTask("m", {"train": long}, 8, max_canvases=2)
+    task = DataTask("m", {"train": long}, 8, max_canvases=2)
     with pytest.raises(ValueError, match=r"long.jsonl row 2 \(m\): response has 17 tokens with EOS, more than 2 canvas"):
         encode_rows(tok, task.build_split("train", 0, 0), 8, task)
     bad_chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHATS[0]}, {"messages": CHATS[1][:-1]}])
     with pytest.raises(ValueError, match=r"c.jsonl: row 2: the last message must be the assistant's answer, got role 'user'"):
-        FileTask("m", {"train": bad_chat}, 8, {"messages": "messages"}).build_split("train", 0, 0)
+        DataTask("m", {"train": bad_chat}, 8, {"messages": "messages"}).build_split("train", 0, 0)
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.mod'"):
-        FileTask("m", {}, 8, verifier="no_such_pkg.mod:f")
+        DataTask("m", {}, 8, verifier="no_such_pkg.mod:f")
     with pytest.raises(ValueError, match="has no function 'nope'"):
-        FileTask("m", {}, 8, verifier="json:nope")
+        DataTask("m", {}, 8, verifier="json:nope")
     with pytest.raises(ValueError, match="more than task.canvas_length=4"):
-        FileTask("m", {}, 4, template="a=__;")
+        DataTask("m", {}, 4, template="a=__;")
     with pytest.raises(ValueError, match=r"task.columns has unknown keys \['answer'\]"):
         build_task(compose(["task=data", "+task.columns.answer=x"]).task)
 

@@ -115,14 +115,14 @@ def test_model_path_ignored_by_bundled_source_is_an_error(tmp_path, data_dir):
 
 
 def test_unsolvable_and_multi_solution_puzzles_in_csv(tmp_path, data_dir, capsys):
-    from dgtune.tasks.sudoku import SudokuFormatError
+    from dgtune.errors import SudokuFormatError
 
     bad = tmp_path / "unsolvable.csv"
     bad.write_text("puzzle,solution\n" + PUZZLE4 + ",\n" + "1200000000300040,\n")
     with pytest.raises(SudokuFormatError, match=r"unsolvable\.csv, line 3: puzzle has no solution"):
         train(tmp_path, data_dir, f"task.test_file={bad}")
     assert no_run_folder(tmp_path)
-    from dgtune.tasks.sudoku import read_csv
+    from dgtune.tasks.sudoku.engine import read_csv
 
     multi = tmp_path / "multi.csv"
     multi.write_text("puzzle,solution\n" + PUZZLE4 + ",\n")
@@ -130,7 +130,7 @@ def test_unsolvable_and_multi_solution_puzzles_in_csv(tmp_path, data_dir, capsys
 
 
 def test_header_only_csv_is_an_error(tmp_path, data_dir):
-    from dgtune.tasks.sudoku import SudokuFormatError
+    from dgtune.errors import SudokuFormatError
 
     empty = tmp_path / "empty.csv"
     empty.write_text("puzzle,solution\n")
@@ -230,7 +230,7 @@ def test_second_process_on_a_run_folder_is_refused_and_stale_lock_taken_over(tmp
 
 
 def test_malformed_test_file_fails_before_training(tmp_path, data_dir):
-    from dgtune.tasks.sudoku import SudokuFormatError
+    from dgtune.errors import SudokuFormatError
 
     bad = tmp_path / "bad.csv"
     bad.write_text("puzzle,solution\n" + PUZZLE4 + ",\n12x" + "0" * 13 + ",\n")

@@ -107,7 +107,7 @@ def test_tasks_are_found_by_name_and_unknown_names_are_listed():
 
     task = build_task(OmegaConf.create({"name": "countdown"}))
     assert task.name == "countdown"
-    assert {"sudoku", "countdown", "json_record", "coloring", "data", "jsonl", "mixture"} <= set(TASKS)
+    assert {"sudoku", "countdown", "json_record", "coloring", "data", "mixture"} <= set(TASKS)
     with pytest.raises(ConfigError, match=r"unknown task.name='nosuch' \(known: .*countdown"):
         build_task(OmegaConf.create({"name": "nosuch"}))
     with pytest.raises(ConfigError, match=r"task.module='no_such_module'"):

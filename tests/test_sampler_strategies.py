@@ -257,7 +257,7 @@ def test_batch_invariance_bf16_decoder_on_uncertain_logits(tiny):
     the same rows in a batch of 64. transformers' fp32 encoder differs in the last bit between batch sizes; the fused
     decoder rounds the prompt cache to bf16, which keeps bf16 casts further on from amplifying that."""
     from dgtune.data import prompt_ids
-    from dgtune.tasks.sudoku_task import SudokuTask
+    from dgtune.tasks.sudoku import SudokuTask
 
     model, tok = tiny
     rows = SudokuTask(9, (30, 30), {"medium": [30, 39]}).build_split("test", 64, 0)  # equal-length 9x9 prompts

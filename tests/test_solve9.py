@@ -10,8 +10,8 @@ from dgtune.data import encode_rows
 from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.eval.curve import append_point, curve_point, read_curve
-from dgtune.tasks import sudoku
-from dgtune.tasks.sudoku_task import SudokuTask
+from dgtune.tasks.sudoku import engine as sudoku
+from dgtune.tasks.sudoku import SudokuTask
 
 pytestmark = pytest.mark.trains  # trains with trainer.mixed_precision=auto: .ci/run reruns it under auto's other outcome
 

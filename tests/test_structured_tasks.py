@@ -11,7 +11,7 @@ from dgtune.data import encode_rows
 from dgtune.tasks import build_task
 from dgtune.tasks.coloring import ColoringLevel, ColoringTask, chance_solved, format_answer
 from dgtune.tasks.countdown import CountdownError, CountdownTask, parse_expression, verify as cd_verify
-from dgtune.tasks.record import RecordTask, parse_text, to_json, to_surface, verify as rec_verify
+from dgtune.tasks.json_record import JsonRecordTask, parse_text, to_json, to_surface, verify as rec_verify
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("countdown", "json_record", "coloring")
@@ -151,7 +151,7 @@ def test_templated_families_sample_and_grade_through_the_eval_runner(tiny):
     from dgtune.sampling.sampler import SamplerConfig, sample
 
     model, tok = tiny
-    for task in (RecordTask(use_template=True), ColoringTask(use_template=True)):
+    for task in (JsonRecordTask(use_template=True), ColoringTask(use_template=True)):
         rows = [r for r in task.build_split("test", 12, seed=0) if r["bucket"] == sorted(task.levels)[0]][:3]
         records, _ = evaluate(model, tok, task, rows, [2], SamplerConfig(mode="fast"), 6, 0, "tuned")
         assert len(records) == 3 and all(0.0 <= r["cell_acc"] <= 1.0 for r in records)

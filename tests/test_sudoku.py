@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from dgtune.tasks import sudoku as S
+from dgtune.tasks.sudoku import engine as S
 
 PUBLIC_4X4 = "/work/shared/benchmarks/sudoku_4x4_d1_test.csv"
 

@@ -1,4 +1,4 @@
-"""Pretraining tasks, the mixture, JSONL tasks and the data pipeline (canvas, templates, batches)."""
+"""Pretraining tasks, the mixture, `task=jsonl` (the alias of `task=data`) and the data pipeline (canvas, templates, batches)."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 
 from dgtune.data import batch_indices, collate_train, encode_rows
 from dgtune.tasks.base import Mixture
-from dgtune.tasks.jsonl import JsonlTask
-from dgtune.tasks.sudoku_task import SudokuTask
+from dgtune.tasks.registry import build_task
+from dgtune.tasks.sudoku import SudokuTask
 from dgtune.tasks.synthetic import AdditionTask, LatinSquareTask, ReverseTask, SortTask, latin_valid
 
 
@@ -31,19 +31,25 @@ def test_mixture_follows_weights():
     assert mix.grade(rows[0], rows[0]["response"])["solved"] == 1.0
 
 
-def test_jsonl_task_and_errors(tmp_path):
+def test_jsonl_alias_is_the_data_task_and_names_bad_lines(tmp_path):
+    from dgtune.config import compose
+    from dgtune.tasks.data import DataTask
+
     good = tmp_path / "train.jsonl"
     good.write_text(json.dumps({"prompt": "add:1+2", "response": "3"}) + "\n\n" + json.dumps({"prompt": "x", "response": "y"}) + "\n")
-    task = JsonlTask("mine", {"train": str(good), "test": str(good)}, 8)
+    cfg = compose(["task=jsonl", f"task.files.train={good}", f"task.files.test={good}"])
+    task = build_task(cfg.task)
+    assert isinstance(task, DataTask) and task.name == "jsonl" and task.canvas_length == 88
     rows = task.build_split("test", 0, 0)
-    assert len(rows) == 2 and task.grade(rows[0], " 3 ")["solved"] == 1.0 and task.grade(rows[0], "4")["solved"] == 0.0
-    task = JsonlTask("mine", {"train": str(good)}, 8, verifier="json:loads")  # any importable callable works
+    assert len(rows) == 2 and rows[0]["task"] == "jsonl"
+    assert task.grade(rows[0], " 3 ")["solved"] == 1.0 and task.grade(rows[0], "4")["solved"] == 0.0
+    DataTask("mine", {"train": str(good)}, 8, verifier="json:loads")  # any importable callable works
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        JsonlTask("mine", {"test": str(bad)}, 8).build_split("test", 0, 0)
+        DataTask("mine", {"test": str(bad)}, 8).build_split("test", 0, 0)
     with pytest.raises(ValueError, match="module:function"):
-        JsonlTask("mine", {}, 8, verifier="nocolon")
+        DataTask("mine", {}, 8, verifier="nocolon")
 
 
 def test_canvas_and_template_encoding(tiny):

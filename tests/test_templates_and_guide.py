@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dgtune.sampling.sampler import SamplerConfig, sample
-from dgtune.tasks.sudoku_task import SudokuTask
+from dgtune.tasks.sudoku import SudokuTask
 
 
 def test_sudoku_guide_flags_exactly_the_clashing_cells(tiny):
@@ -50,7 +50,7 @@ def test_sample_cli_path_samples_as_eval_does_with_the_template(tiny):
     from dgtune.eval.runner import evaluate
     from dgtune.sample import sample_prompt
     from dgtune.tasks import build_task
-    from dgtune.tasks.sudoku import SudokuFormatError
+    from dgtune.errors import SudokuFormatError
 
     model, tok = tiny
     cfg = compose(["recipe=sudoku_4x4", "sampler.max_steps=2"])

@@ -7,10 +7,11 @@ and `bucket` ("" when the task has no difficulty buckets), and grades an output 
 
 from __future__ import annotations
 
+import importlib
 import random
 from typing import Protocol
 
-from dgtune.errors import ConfigError, VerifierError
+from dgtune.errors import ConfigError, InputError, VerifierError
 from dgtune.tasks.registry import build_task, register_task
 
 ROW_KEYS = ("task", "prompt", "response", "bucket", "puzzle", "solution", "givens", "context", "source")
@@ -41,6 +42,39 @@ def grade_value(value, what: str) -> float:
     if not math.isfinite(x) or not 0.0 <= x <= 1.0:
         raise VerifierError(f"{what} = {value!r} is not a number in [0, 1]")
     return x
+
+
+def load_verifier(spec: str | None):
+    """Import `module:function`, or None."""
+    if not spec:
+        return None
+    module, _, func = spec.partition(":")
+    if not func:
+        raise InputError(f"verifier {spec!r} must look like 'package.module:function'")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise InputError(f"task.verifier={spec!r}: cannot import module {module!r} ({e})") from None
+    if not callable(getattr(mod, func, None)):
+        raise InputError(f"task.verifier={spec!r}: module {module!r} has no function {func!r}")
+    return getattr(mod, func)
+
+
+def call_verifier(verifier, row: dict, output: str) -> float | dict[str, float]:
+    """`verifier(row, output)`, checked: its exception, a key other than solved / exact / cell_acc / parse_fail, or
+    a value that is not a finite number in [0, 1] raises VerifierError naming the verifier and the row."""
+    name = f"{getattr(verifier, '__module__', '?')}:{getattr(verifier, '__qualname__', verifier)}"
+    where = row.get("source") or f"the row with prompt {row.get('prompt', '')[:60]!r}"
+    try:
+        verdict = verifier(row, output)
+    except Exception as e:  # the user's code: name it and the row, keep the cause chained
+        raise VerifierError(f"verifier {name} raised {type(e).__name__}: {e} (on {where})") from e
+    if isinstance(verdict, dict):
+        unknown = sorted(set(verdict) - set(GRADE_KEYS))
+        if unknown:
+            raise VerifierError(f"verifier {name} returned keys {unknown} on {where}; expected any of {list(GRADE_KEYS)}")
+        return {k: grade_value(v, f"verifier {name} on {where}: {k}") for k, v in verdict.items()}
+    return grade_value(verdict, f"verifier {name} on {where}: its verdict")
 
 
 class Task(Protocol):

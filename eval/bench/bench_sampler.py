@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from dgtune.data import prompt_ids  # noqa: E402
 from dgtune.sampling.sampler import SamplerConfig, sample  # noqa: E402
-from dgtune.tasks.sudoku_task import SudokuTask  # noqa: E402
+from dgtune.tasks.sudoku import SudokuTask  # noqa: E402
 
 CANVAS = 88  # 9x9 (81 digits + EOS, as the 9x9 recipes); 24 with --size 4 (configs/task/sudoku4.yaml)
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dgtune.errors import ConfigError
-from dgtune.tasks import sudoku
 from dgtune.tasks.base import make_row
 from dgtune.tasks.registry import register_task
+from dgtune.tasks.structured import StructuredTask, split_counts, split_seed
+from dgtune.tasks.sudoku import engine
 
-SPLIT_SEED = {"train": 0, "val": 7_919, "test": 15_485_863}
 MARKERS = "abcdefghijklmnopqrstuvwxyz#"  # layout "boxes": one marker per (row, box) segment, 27 for 9x9
 LAYOUTS = ("flat", "boxes")
 
@@ -26,11 +26,11 @@ def layout_positions(size: int, layout: str) -> list[int]:
         raise ConfigError(f"task.layout={layout!r}: expected one of {LAYOUTS}")
     if layout == "flat":
         return list(range(size * size))
-    _, bw = sudoku.box_shape(size)
+    _, bw = engine.box_shape(size)
     return [i + i // bw + 1 for i in range(size * size)]
 
 
-class SudokuTask:
+class SudokuTask(StructuredTask):
     """Sudoku of side `size`. Training puzzles have `train_givens` givens; val/test are balanced over
     `test_buckets` (name -> [min, max] givens; 9x9 uses Google's buckets easy >= 40, medium 30-39, hard < 30)."""
 
@@ -61,7 +61,7 @@ class SudokuTask:
         """A grid string (n*n digits, 0 = blank) in the task's layout (markers added for "boxes")."""
         if self.layout == "flat":
             return grid
-        _, bw = sudoku.box_shape(self.size)
+        _, bw = engine.box_shape(self.size)
         return "".join(MARKERS[k] + grid[k * bw:(k + 1) * bw] for k in range(len(grid) // bw))
 
     def parse_output(self, text: str) -> str:
@@ -71,8 +71,8 @@ class SudokuTask:
     def _rows(self, puzzles: list[dict]) -> list[dict]:
         rows = []
         for p in puzzles:
-            bucket = sudoku.bucket(p["givens"], self.size) or ""
-            prompt = sudoku.format_prompt("" if self.compact_prompt else p["puzzle"])
+            bucket = engine.bucket(p["givens"], self.size) or ""
+            prompt = engine.format_prompt("" if self.compact_prompt else p["puzzle"])
             rows.append(make_row(self.name, prompt, self.format_response(p["solution"]) if p["solution"] else "",
                                  bucket, p["puzzle"], p["solution"], p["givens"]))
         return rows
@@ -81,15 +81,16 @@ class SudokuTask:
         """Train: `n` puzzles over `train_givens`; val/test: `n` split evenly over the test buckets. Each givens
         value gets a pool of truly generated puzzles (up to 64 for train, 32 for val/test; fewer for tiny splits),
         multiplied by symmetries."""
-        s = seed * 1_000_003 + SPLIT_SEED[split]
+        s = split_seed(split, seed)
         if split == "train":
             lo, hi = self.train_givens
-            return self._rows(sudoku.generate_puzzles(self.size, n, lo, hi, seed=s, base_per_givens=min(64, max(2, n // 4))))
+            return self._rows(engine.generate_puzzles(self.size, n, lo, hi, seed=s, base_per_givens=min(64, max(2, n // 4))))
         rows = []
         buckets = list(self.test_buckets.items())
-        for i, (_, (lo, hi)) in enumerate(buckets):
-            k = n // len(buckets) + (1 if i < n % len(buckets) else 0)
-            rows += self._rows(sudoku.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i,
+        counts = split_counts(n, [name for name, _ in buckets])
+        for i, (name, (lo, hi)) in enumerate(buckets):
+            k = counts[name]
+            rows += self._rows(engine.generate_puzzles(self.size, k, lo, hi, seed=s + 17 * i,
                                                        base_per_givens=min(32, max(2, k // 2))))
         return rows
 
@@ -102,29 +103,29 @@ class SudokuTask:
         lo, hi = self.train_givens
         out = []
         while len(out) < n:
-            sol = sudoku.random_solution(self.size, rng)
-            puz = sudoku.make_unique_puzzle(sol, self.size, rng.randint(lo, hi), rng)
+            sol = engine.random_solution(self.size, rng)
+            puz = engine.make_unique_puzzle(sol, self.size, rng.randint(lo, hi), rng)
             givens = self.size * self.size - puz.count("0")
             for _ in range(min(self.fresh_per_base, n - len(out))):
-                p2, s2 = sudoku.transform(puz, sol, self.size, rng)
+                p2, s2 = engine.transform(puz, sol, self.size, rng)
                 out.append({"puzzle": p2, "solution": s2, "givens": givens})
         return self._rows(out)
 
     def load_test_file(self, path: str) -> list[dict]:
-        """Rows from a CSV with header `puzzle,solution` (see `sudoku.read_csv`)."""
-        return self._rows(sudoku.read_csv(path, self.size))
+        """Rows from a CSV with header `puzzle,solution` (see `engine.read_csv`)."""
+        return self._rows(engine.read_csv(path, self.size))
 
     def row_from_prompt(self, prompt: str) -> dict:
         """The row for a user prompt `sudoku:<grid>` (blanks `0` or `.`), graded by the rules; a malformed grid
         raises SudokuFormatError saying what is wrong."""
-        prefix = sudoku.format_prompt("")
+        prefix = engine.format_prompt("")
         if not prompt.startswith(prefix):
-            raise sudoku.SudokuFormatError(f"prompt {prompt[:20]!r}... must start with {prefix!r}, then the "
+            raise engine.SudokuFormatError(f"prompt {prompt[:20]!r}... must start with {prefix!r}, then the "
                                            f"{self.size * self.size} cells of the grid")
         puzzle = prompt[len(prefix):].strip().replace(".", "0")
-        cells = sudoku._to_ints(puzzle, self.size)  # length and characters
-        if not sudoku._units_ok(puzzle, self.size, True):
-            raise sudoku.SudokuFormatError(f"puzzle {puzzle!r}: its givens contradict each other (a row, column or "
+        cells = engine._to_ints(puzzle, self.size)  # length and characters
+        if not engine._units_ok(puzzle, self.size, True):
+            raise engine.SudokuFormatError(f"puzzle {puzzle!r}: its givens contradict each other (a row, column or "
                                            "box repeats a digit)")
         return self._rows([{"puzzle": puzzle, "solution": "", "givens": sum(1 for v in cells if v)}])[0]
 
@@ -141,7 +142,7 @@ class SudokuTask:
     def units(self) -> torch.Tensor:
         """[3n, n*n] float: membership of each cell in each row, column and box (built once per task)."""
         if getattr(self, "_units", None) is None:
-            n, (bh, bw) = self.size, sudoku.box_shape(self.size)
+            n, (bh, bw) = self.size, engine.box_shape(self.size)
             r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
             box = (r // bh) * (n // bw) + c // bw
             self._units = torch.cat([F.one_hot(r, n).T, F.one_hot(c, n).T, F.one_hot(box, n).T]).float()
@@ -177,15 +178,9 @@ class SudokuTask:
         conflict[pos[:, None], pos[None, :]] = self.peers()
         return not_equal_guide(conflict, digit_values(tokenizer, range(1, self.size + 1)))
 
-    def template_tensor(self, tokenizer, rows: list[dict]) -> torch.Tensor:
-        """Templates of `rows` as token ids [b, canvas_length] (-1 = free)."""
-        from dgtune.data import template_ids
-
-        return torch.tensor([template_ids(tokenizer, self.canvas_template(r), self.canvas_length) for r in rows])
-
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """Rules first (`solved`), then the reference (`exact`, `cell_acc`)."""
-        return sudoku.grade(row["puzzle"], row["solution"] or None, self.parse_output(output), self.size)
+        return engine.grade(row["puzzle"], row["solution"] or None, self.parse_output(output), self.size)
 
 
 @register_task("sudoku")

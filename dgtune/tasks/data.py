@@ -11,7 +11,7 @@ Two row formats (`configs/task/data.yaml`):
   turns) is context, formatted by the tokenizer's chat template into the prompt.
 
 Optional: `task.columns.bucket` (a column whose values become report buckets); a verifier `task.verifier=
-package.module:function` (`(row, output) -> bool | dict`, see `dgtune.tasks.jsonl`; default exact match); a canvas
+package.module:function` (`(row, output) -> bool | dict`, see `dgtune.tasks.base.call_verifier`; default exact match); a canvas
 template string `task.template`, one character per canvas position: `task.template_free` (default `_`) marks a
 position the model fills, any other character is fixed there (never corrupted in training, clamped when sampling);
 each fixed character must be one token, and every answer must agree with the template (checked when encoding).
@@ -26,8 +26,7 @@ import logging
 from pathlib import Path
 
 from dgtune.errors import ConfigError, InputError
-from dgtune.tasks.base import make_row
-from dgtune.tasks.jsonl import load_verifier
+from dgtune.tasks.base import call_verifier, load_verifier, make_row
 from dgtune.tasks.registry import register_task
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -58,12 +57,33 @@ def load_table(path: str | Path, fmt: str | None = None) -> list[dict]:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "corresponds to no data" in msg:  # e.g. a CSV with a header and no rows
             raise InputError(f"task file {path} has no rows") from None
+        bad = _bad_json_line(path) if builder == "json" else None
+        if bad:
+            raise InputError(bad) from None
         raise InputError(f"task file {path}: datasets could not read it as {builder} ({msg})") from None
     finally:
         library_log.setLevel(level)
     if len(ds) == 0:
         raise InputError(f"task file {path} has no rows")
     return ds.to_list()
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """For a JSON-lines file that `datasets` could not read: `file:line: reason` of its first line that is not a JSON
+    object, or None (a JSON array file, or no bad line found)."""
+    text = path.read_text(errors="replace")
+    if text.lstrip().startswith("["):
+        return None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path}:{lineno}: not valid JSON ({e.msg})"
+        if not isinstance(obj, dict):
+            return f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+    return None
 
 
 def _text(value, path, i: int, column: str, key: str) -> str:
@@ -100,7 +120,7 @@ def split_chat(messages, path, i: int, column: str) -> tuple[list[dict], str]:
     return clean[:-1], clean[-1]["content"]
 
 
-class FileTask:
+class DataTask:
     """A user task from local data files (train / val / test), a column mapping or chat messages, and a verifier."""
 
     def __init__(self, name: str, files: dict, canvas_length: int, columns: dict | None = None,
@@ -178,15 +198,22 @@ class FileTask:
         return torch.tensor([ids] * len(rows), dtype=torch.long).view(len(rows), self.canvas_length)
 
     def grade(self, row: dict, output: str) -> dict[str, float]:
-        """The verifier's verdict, or exact match (as `JsonlTask.grade`)."""
-        from dgtune.tasks.jsonl import JsonlTask
-
-        return JsonlTask.grade(self, row, output)
+        """The verifier's verdict (`call_verifier`), or exact match."""
+        out = output.strip()
+        exact = float(out == row["response"].strip())
+        if self.verifier is None:
+            return {"solved": exact, "exact": exact, "cell_acc": exact, "parse_fail": float(not out)}
+        verdict = call_verifier(self.verifier, row, out)
+        if isinstance(verdict, dict):
+            solved = verdict.get("solved", exact)
+            return {"solved": solved, "exact": verdict.get("exact", exact), "cell_acc": verdict.get("cell_acc", solved),
+                    "parse_fail": verdict.get("parse_fail", 0.0)}
+        return {"solved": verdict, "exact": exact, "cell_acc": verdict, "parse_fail": float(not out)}
 
 
 @register_task("data")
-def build_data(cfg) -> FileTask:
+def build_data(cfg) -> DataTask:
     """`task=data`: your JSON/JSONL/CSV/Parquet files, renamed columns or chat `messages`, and verifier."""
-    return FileTask(cfg.get("task_name", "data"), dict(cfg.files), cfg.canvas_length, dict(cfg.get("columns") or {}),
+    return DataTask(cfg.get("task_name", "data"), dict(cfg.files), cfg.canvas_length, dict(cfg.get("columns") or {}),
                     cfg.get("verifier"), cfg.get("format"), cfg.get("template"), cfg.get("template_free", "_"),
                     cfg.get("max_canvases", 1))

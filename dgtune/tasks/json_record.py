@@ -200,7 +200,7 @@ def _layout() -> list[str | None]:
 TEMPLATE = _layout()
 
 
-class RecordTask(StructuredTask):
+class JsonRecordTask(StructuredTask):
     """Schema-constrained JSON records with difficulty levels (`levels`: bucket name -> RecordLevel fields);
     `use_template` puts keys and punctuation in the canvas."""
 
@@ -245,6 +245,6 @@ class RecordTask(StructuredTask):
 
 
 @register_task("json_record")
-def build_record(cfg) -> RecordTask:
+def build_record(cfg) -> JsonRecordTask:
     """`task=json_record`: levels (buckets), canvas length, canvas template."""
-    return RecordTask(*structured_args(cfg))
+    return JsonRecordTask(*structured_args(cfg))

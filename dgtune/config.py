@@ -30,12 +30,20 @@ def recipes_dir() -> Path:
     return _find("recipes")
 
 
-def register_recipes() -> list[str]:
-    """Register every `recipes/*.yaml` as option `recipe=<stem>` (package _global_) in Hydra's ConfigStore."""
+def register_configs() -> list[str]:
+    """Register in Hydra's ConfigStore what is not a file under `configs/`: the schemas of the `sampler` and
+    `objective` groups (`sampler/base` = `SamplerConfig`, `objective/base` = `ObjectiveConfig`, which each of their
+    YAMLs starts from: defaults in one place, a mistyped key or a value of the wrong type an error at compose time)
+    and every `recipes/*.yaml` as option `recipe=<stem>` (package _global_). Returns the recipe names."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from dgtune.diffusion.objective import ObjectiveConfig
+    from dgtune.sampling.config import SamplerConfig
+
     cs = ConfigStore.instance()
+    cs.store(group="sampler", name="base", node=SamplerConfig)
+    cs.store(group="objective", name="base", node=ObjectiveConfig)
     names = []
     for path in sorted(recipes_dir().glob("*.yaml")):
         node = OmegaConf.load(path)
@@ -49,6 +57,6 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_recipes()
+    register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)

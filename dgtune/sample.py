@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _main(argv: list[str] | None = None) -> str:
-    from dgtune.eval.runs import load_run, merge_overrides
+    from dgtune.eval.runs import load_run, compose_run
     from dgtune.validate import quiet_third_party
     from dgtune.validate import check_config
     from dgtune.tasks import build_task
@@ -70,7 +70,7 @@ def _main(argv: list[str] | None = None) -> str:
     run_dir, prompt = Path(argv[0]), argv[1]
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a dgtune run folder (no config.yaml)")
-    cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[2:])
+    cfg = compose_run(OmegaConf.load(run_dir / "config.yaml"), argv[2:])
     check_config(cfg, sections=("sampler",))
     quiet_third_party()
     task = build_task(cfg.task)

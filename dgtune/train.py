@@ -232,12 +232,12 @@ def main() -> None:
     """Hydra entry point (config groups in `configs/`, recipes in `recipes/`)."""
     import hydra
 
-    from dgtune.config import config_dir, register_recipes
+    from dgtune.config import config_dir, register_configs
     from dgtune.validate import check_overrides
 
     with cli_errors():  # an unknown recipe or group option stops here, before Hydra runs the defaults
         check_overrides(sys.argv[1:])
-    register_recipes()
+    register_configs()
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:

@@ -150,7 +150,7 @@ def test_bad_config_values_fail_before_any_folder(tmp_path, data_dir, override, 
 
 
 @pytest.mark.parametrize("overrides,key", [(["task=countdown", "eval.guided=true"], "eval.guided=true: task 'countdown'"),
-                                           (["task=coloring", "objective.aux_weight=1"], "objective.aux_weight=1: task"),
+                                           (["task=coloring", "objective.aux_weight=1"], "objective.aux_weight=1.0: task"),
                                            (["task=countdown", "+task.fresh=true"], "task.fresh=true: task 'countdown'")])
 def test_setting_the_task_cannot_honour_fails_before_any_folder(tmp_path, data_dir, overrides, key):
     """eval.guided / objective.aux_weight / task.fresh on a task without a rule checker / auxiliary loss / generator:
@@ -277,7 +277,7 @@ def test_export_is_portable_and_generate_matches_reference_mode(finished_run, tm
     torch.manual_seed(5)
     with torch.no_grad():
         ref = model.generate(**ids).sequences[:, ids["input_ids"].shape[1]:]
-    ours = sample(model, torch.tensor([prompt_ids(tok, "sudoku:" + PUZZLE4)]), SamplerConfig(max_steps=48),
+    ours = sample(model, torch.tensor([prompt_ids(tok, "sudoku:" + PUZZLE4)]), SamplerConfig(max_steps=48, mode="reference"),
                   torch.Generator().manual_seed(5), tok.eos_token_id, tok.pad_token_id, 24)
     assert ref.shape == ours.tokens.shape and torch.equal(ref, ours.tokens)
 

@@ -37,7 +37,7 @@ def test_matches_generate(tiny, dtype):
             torch.manual_seed(123)
             ref = model.generate(prompts, max_new_tokens=model.config.canvas_length, max_denoising_steps=steps,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            ours = sample(model, prompts, SamplerConfig(max_steps=steps), torch.Generator().manual_seed(123),
+            ours = sample(model, prompts, SamplerConfig(max_steps=steps, mode="reference"), torch.Generator().manual_seed(123),
                           tok.eos_token_id, tok.pad_token_id)
         assert torch.equal(ref.sequences[:, prompts.shape[1]:], ours.tokens), (factor, steps)
         n_tokens = (ours.tokens != tok.pad_token_id).sum(-1)
@@ -67,7 +67,7 @@ def test_matches_generate_over_several_canvases(short_model):
             torch.manual_seed(123)
             ref = model.generate(prompts, max_new_tokens=n_canvases * l, max_denoising_steps=steps,
                                  eos_token_id=eos, pad_token_id=pad)
-            cfg = SamplerConfig(max_steps=steps, max_canvases=n_canvases)
+            cfg = SamplerConfig(max_steps=steps, max_canvases=n_canvases, mode="reference")
             ours = sample(model, prompts, cfg, torch.Generator().manual_seed(123), eos, pad)
         ref_tokens = ref.sequences[:, prompts.shape[1]:]
         assert ref_tokens.shape == ours.tokens.shape and torch.equal(ref_tokens, ours.tokens), (factor, steps)

@@ -169,7 +169,7 @@ def test_fast_equals_reference_when_confident(tiny, monkeypatch):
     monkeypatch.setattr(reference, "decode", fake_decode)
     monkeypatch.setattr(fast, "decode", fake_decode)
     prompts = _prompts(3)
-    ref = sample(model, prompts, SamplerConfig(max_steps=12), torch.Generator().manual_seed(0), 1, 0)
+    ref = sample(model, prompts, SamplerConfig(max_steps=12, mode="reference"), torch.Generator().manual_seed(0), 1, 0)
     fst = sample(model, prompts, SamplerConfig(max_steps=12, mode="fast", decoder="transformers"),
                  torch.Generator().manual_seed(0), 1, 0)
     assert torch.equal(ref.tokens, fst.tokens) and torch.equal(ref.nfe, fst.nfe)
@@ -177,28 +177,37 @@ def test_fast_equals_reference_when_confident(tiny, monkeypatch):
 
 
 def test_sampler_yamls_and_group_override(tmp_path):
-    from dgtune.config import config_dir
-    from dgtune.eval.runs import merge_overrides
+    """Every sampler YAML composes on the schema; the eval / sample commands compose overrides onto a saved run's
+    config with Hydra (`compose_run`): a group choice replaces the group, keys a run saved before they existed take
+    their defaults, a typo or a bad value is a ConfigError naming it."""
+    from dgtune.config import compose, config_dir
+    from dgtune.errors import ConfigError
+    from dgtune.eval.runs import compose_run
     from dgtune.sampling.config import sampler_config
 
     names = sorted(p.stem for p in (config_dir() / "sampler").glob("*.yaml"))
     assert set(ALL) <= set(names)
     for name in names:
-        node = OmegaConf.load(config_dir() / "sampler" / f"{name}.yaml")
+        node = compose([f"sampler={name}"]).sampler
         assert node.name == name
         strategies.check_strategy(sampler_config(OmegaConf.create({"sampler": node})))
-    base = OmegaConf.create({"seed": 0, "sampler": {"name": "entropy_bound", "strategy": "entropy_bound",
-                                                    "max_steps": 48, "entropy_bound": 0.1}})
-    cfg = merge_overrides(base, ["sampler.max_steps=12", "sampler=topk_confidence"])
-    assert cfg.sampler.name == "topk_confidence" and cfg.sampler.max_steps == 12 and "entropy_bound" not in cfg.sampler
+    saved = OmegaConf.create({"seed": 0, "sampler": {"name": "entropy_bound", "strategy": "entropy_bound",
+                                                     "max_steps": 48, "entropy_bound": 0.2}})  # an old run's config
+    cfg = compose_run(saved, ["sampler.max_steps=12", "sampler=topk_confidence"])
+    assert cfg.sampler.name == "topk_confidence" and cfg.sampler.max_steps == 12
+    assert cfg.sampler.entropy_bound == 0.1 and cfg.seed == 0  # the new group's values (schema defaults), not the saved ones
     assert sampler_config(cfg).strategy == "topk_confidence"
-    cfg = merge_overrides(base, ["sampler.mode=reference"])  # a field the saved config predates
-    assert sampler_config(cfg).mode == "reference" and sampler_config(base).mode == "fast"
-    with pytest.raises(FileNotFoundError, match="topk_confidence"):
-        merge_overrides(base, ["sampler=nope"])
-    with pytest.raises(KeyError):
-        merge_overrides(base, ["sampler.nope=1"])
-    assert math.isclose(sampler_config(merge_overrides(base, ["sampler=threshold"])).threshold, 0.9)
+    cfg = compose_run(saved, ["sampler.mode=reference"])  # a field the saved config predates
+    assert sampler_config(cfg).mode == "reference" and sampler_config(saved).mode == "fast"
+    assert cfg.sampler.entropy_bound == 0.2 and cfg.sampler.max_steps == 48  # the saved values stay
+    assert compose_run(saved, ["eval.steps=[1,4]"]).eval.steps == [1, 4]
+    with pytest.raises(ConfigError, match="topk_confidence"):
+        compose_run(saved, ["sampler=nope"])
+    with pytest.raises(ConfigError, match="sampler.nope"):
+        compose_run(saved, ["sampler.nope=1"])
+    with pytest.raises(ConfigError, match="sampler.max_steps"):
+        compose_run(saved, ["sampler=threshold", "sampler.max_steps=abc"])
+    assert math.isclose(sampler_config(compose_run(saved, ["sampler=threshold"])).threshold, 0.9)
 
 
 def test_multi_canvas_fast(tiny):
@@ -241,9 +250,9 @@ def test_mean_loo_prediction_is_converted_at_the_canvas_noise_level(tiny, monkey
     (_, den), (_, loo) = outs["denoiser"], outs["mean_loo"]
     torch.testing.assert_close(loo[0].log_softmax(-1), den[0].log_softmax(-1))  # step 1: t = 1, q(y | x) is flat
     assert not torch.allclose(loo[1].log_softmax(-1), den[1].log_softmax(-1))  # later: kept tokens add evidence
-    assert not uses_reference(SamplerConfig(prediction="mean_loo"))
+    assert not uses_reference(SamplerConfig(mode="reference", prediction="mean_loo"))
     with pytest.raises(ValueError, match="prediction"):
-        uses_reference(SamplerConfig(prediction="x0"))
+        uses_reference(SamplerConfig(mode="reference", prediction="x0"))
     cfg = OmegaConf.create({"sampler": {"name": "entropy_bound", "strategy": "entropy_bound"},
                             "objective": {"prediction": "mean_loo"}})
     assert sampler_config(cfg).prediction == "mean_loo"

@@ -1,8 +1,8 @@
 """`python -m dgtune.eval RUN_DIR [key=value ...]`: accuracy against denoising steps, base vs tuned.
 
-Loads the run's config (`RUN_DIR/config.yaml`), applies the overrides (e.g. `task.test_file=PATH`,
-`eval.steps=[1,4,12]`, `sampler=topk_confidence` to use configs/sampler/topk_confidence.yaml,
-`sampler.mode=reference`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
+Loads the run's config (`RUN_DIR/config.yaml`) and composes the overrides onto it with Hydra, in the grammar of
+`dgtune.train` (e.g. `task.test_file=PATH`, `eval.steps=[1,4,12]`, `sampler=topk_confidence` for
+configs/sampler/topk_confidence.yaml, `sampler.mode=reference`), loads the base model and the run's adapter (unmerged) from `RUN_DIR/final`, samples the
 test rows at every step count with the shared sampler (fast mode unless the config says otherwise), and writes
 `report.json`, `report.md` and `accuracy_vs_steps.png` into a new folder `RUN_DIR/eval-<time>/` (or `eval.out_dir`),
 never over an existing report unless `eval.overwrite=true` (which, without `eval.out_dir`, writes into RUN_DIR).
@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dgtune.eval.runner import require_test_rows, run_report, test_rows
-from dgtune.eval.runs import eval_out_dir, load_run, merge_overrides, training_meta
+from dgtune.eval.runs import eval_out_dir, load_run, compose_run, training_meta
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -41,7 +41,7 @@ def _main(argv: list[str] | None = None) -> str:
     run_dir = Path(argv[0])
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a dgtune run folder (no config.yaml)")
-    cfg = merge_overrides(OmegaConf.load(run_dir / "config.yaml"), argv[1:])
+    cfg = compose_run(OmegaConf.load(run_dir / "config.yaml"), argv[1:])
     check_config(cfg, sections=("eval", "task", "sampler"))
     quiet_third_party()
     task = build_task(cfg.task)

@@ -1,6 +1,6 @@
 """A finished run's folder as the eval and sample commands read it: its weights (`load_run`), what its training
-recorded (`training_meta`), overrides on its saved config (`merge_overrides`), and where a new report goes
-(`eval_out_dir`)."""
+recorded (`training_meta`), its saved config with the command line's overrides (`compose_run`, Hydra's grammar),
+and where a new report goes (`eval_out_dir`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dgtune.sampling.config import SamplerConfig
-
-CONFIG_GROUPS = ("sampler",)  # `group=NAME` overrides load configs/<group>/NAME.yaml
-
 
 def load_run(run_dir: Path, cfg: DictConfig, weights: Path | None = None):
     """(tuned model, tokenizer, base model or None) for a finished run: base + adapter unmerged, or a full model;
@@ -51,51 +48,60 @@ def training_meta(run_dir: Path) -> dict:
     return {"train_precision": env.get("precision"), "train_environment": env}
 
 
-if __name__ == "__main__":
-    main()
+def _upgraded(saved: dict) -> dict:
+    """A saved config with the keys added to dgtune since it was written: `sampler` and `objective` on their
+    schemas (`SamplerConfig`, `ObjectiveConfig`), `eval` on `configs/eval/default.yaml`; the saved values win."""
+    from dataclasses import asdict
 
-
-def load_group(group: str, name: str) -> DictConfig:
-    """configs/<group>/<name>.yaml, or an error listing the available names."""
     from dgtune.config import config_dir
+    from dgtune.diffusion.objective import ObjectiveConfig
 
-    path = config_dir() / group / f"{name}.yaml"
-    if not path.exists():
-        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise FileNotFoundError(f"no {group} config {name!r} (available: {names})")
-    return OmegaConf.load(path)
-
-
-def _known_key(cfg: DictConfig, key: str) -> bool:
-    if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
-        return True
-    group, _, field = key.partition(".")  # sampler and eval settings added after a run was saved
-    if group == "eval":
-        from dgtune.config import config_dir
-
-        return field in OmegaConf.load(config_dir() / "eval" / "default.yaml")
-    return group == "sampler" and field in SamplerConfig.__dataclass_fields__
+    defaults = {"sampler": asdict(SamplerConfig()), "objective": asdict(ObjectiveConfig()),
+                "eval": OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "default.yaml"))}
+    out = dict(saved)
+    for group, base in defaults.items():
+        out[group] = {**base, **(out.get(group) or {})}
+    return out
 
 
-def merge_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Apply overrides: `group=NAME` (e.g. `sampler=topk_confidence`) replaces that config group with
-    configs/<group>/NAME.yaml first, then `key=value` overrides are merged; an unknown key is an error that names it."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-    cfg = cfg.copy()
-    plain = []
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if key.lstrip("+") in CONFIG_GROUPS:
-            OmegaConf.update(cfg, key.lstrip("+"), load_group(key.lstrip("+"), value), merge=False)
-        else:
-            plain.append(item)
-    for item in plain:
-        key = item.split("=", 1)[0].lstrip("+")
-        if not item.startswith("+") and not _known_key(cfg, key):
-            raise KeyError(f"unknown config key {key!r} (use +{key}=... to add a new key)")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in plain]))
+def compose_run(saved: DictConfig, overrides: list[str]) -> DictConfig:
+    """A finished run's config (`RUN_DIR/config.yaml`) with command-line overrides, composed by Hydra as
+    `dgtune.train` composes its own: one override grammar. The saved config is the base; `group=NAME` (e.g.
+    `sampler=topk_confidence`) replaces that group with `configs/<group>/NAME.yaml` (on its schema); `key=value`
+    sets a key the config has (keys added to dgtune since the run was saved take their defaults first);
+    `+key=value` adds one. A bad override is a ConfigError naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dgtune.config import config_dir, register_configs
+    from dgtune.errors import ConfigError
+    from dgtune.validate import check_overrides
+
+    check_overrides(overrides)  # `sampler=nope`: one line listing the options
+    register_configs()
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"bad override: {e}") from None
+    choices = {o.key_or_group: o.value() for o in parsed
+               if o.key_or_group in groups and not o.is_delete() and isinstance(o.value(), str)}
+    rest = [o.input_line for o in parsed if o.key_or_group not in choices]
+    base = _upgraded(OmegaConf.to_container(saved, resolve=False))
+    for group in choices:
+        base.pop(group, None)
+    ConfigStore.instance().store(name="dgtune_saved_run", node={
+        "defaults": ["_self_", *({g: n} for g, n in choices.items())], **base})
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("dgtune_saved_run", overrides=rest)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(str(e).split("\n")[:3]).strip()) from None
+    OmegaConf.set_struct(cfg, False)  # as loaded from the file: later code may record settings in it
+    return cfg
 
 
 def eval_out_dir(run_dir: Path, cfg: DictConfig) -> Path:

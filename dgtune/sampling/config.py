@@ -2,7 +2,10 @@
 the step statistics (`stats.py`, `triton_stats.py`) and the front door (`sampler.py`); this module imports no
 other sampler module, so none of them import each other in a circle.
 
-`sampler_config(cfg)` builds a `SamplerConfig` from a run's Hydra config (`cfg.sampler`, `cfg.objective`).
+`SamplerConfig` is also the Hydra schema of the `sampler` config group (`sampler/base`, registered by
+`dgtune.config.register_configs`): each `configs/sampler/*.yaml` starts from it and names only what differs, and a
+mistyped key or value is an error when the config is composed. Its defaults are the defaults, in this one place
+(`mode="fast"` among them). `sampler_config(cfg)` builds one from a run's config (`cfg.sampler`, `cfg.objective`).
 """
 
 from __future__ import annotations
@@ -12,13 +15,11 @@ from typing import NamedTuple
 
 import torch
 
-CONFIG_DEFAULT_MODE = "fast"  # sampler mode when a run's config does not set one (runs saved before `mode` existed)
-
-
 @dataclass
 class SamplerConfig:
-    """Sampler settings (mirrors `configs/sampler/*.yaml`)."""
+    """Sampler settings: the schema and defaults of `configs/sampler/*.yaml`."""
 
+    name: str = "entropy_bound"  # the sampler config's name: a label in reports, not a setting
     strategy: str = "entropy_bound"
     max_steps: int = 48
     t_max: float = 0.8
@@ -27,7 +28,7 @@ class SamplerConfig:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     max_canvases: int = 1
-    mode: str = "reference"  # "reference": same draws as transformers' generate(); "fast": dgtune.sampling.fast
+    mode: str = "fast"  # "fast": dgtune.sampling.fast; "reference": the same draws as transformers' generate()
     noise: str = "uniform"  # "uniform" (renoise with random tokens) | "mask" (absorbing [MASK] noise)
     mask_token_id: int | None = None  # for noise="mask" (default: the model config's mask_token_id)
     threshold: float = 0.9  # strategy "threshold": commit positions with max-prob > threshold
@@ -36,10 +37,11 @@ class SamplerConfig:
     stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
     decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)
     decoder_dtype: str = "auto"  # fused matmuls: "auto" (model dtype) | "fast" (bf16 where fast) | "bfloat16"
-    prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo" (leave-one-out posterior)
+    prediction: str = "denoiser"  # what the decoder outputs: "denoiser" | "mean_loo"; from objective.prediction
     compile: bool = False  # fast mode: torch.compile the fused decoder (pays off over long evals)
-    self_conditioning: bool = True  # feed each step's logits to the next (as generate()); off for models trained
-    # without it (objective.self_cond_p=0), which never saw that signal in training
+    # feed each step's logits to the next (as generate()); from the objective: off for a model trained without it
+    # (objective.self_cond_p=0), which never saw that signal in training
+    self_conditioning: bool = True
 
 
 @dataclass
@@ -68,17 +70,16 @@ def pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tenso
 
 
 def sampler_config(cfg, tokenizer=None) -> SamplerConfig:
-    """SamplerConfig from a run's config `cfg.sampler` (the `name` key is a label, not a setting); `mode` defaults
-    to fast, `prediction` follows `cfg.objective.prediction` and, with noise "mask", `mask_token_id` is the
-    tokenizer's."""
+    """SamplerConfig from a run's config `cfg.sampler` (keys it lacks, as in runs saved by older versions, take
+    the defaults above); `prediction` and `self_conditioning` follow how the model was trained (`cfg.objective`)
+    and, with noise "mask", `mask_token_id` is the tokenizer's."""
     from omegaconf import OmegaConf
 
-    d = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k != "name"}
-    d.setdefault("mode", CONFIG_DEFAULT_MODE)
-    if "objective" in cfg:  # what the decoder outputs is fixed by how the model was trained
+    d = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if "objective" in cfg:  # what the decoder reads and outputs is fixed by how the model was trained
         d["prediction"] = cfg.objective.get("prediction", "denoiser")
         # a model trained without the self-conditioning pass never saw previous logits as input: do not feed them
-        d.setdefault("self_conditioning", float(cfg.objective.get("self_cond_p", 0.5)) > 0)
+        d["self_conditioning"] = float(cfg.objective.get("self_cond_p", 0.5)) > 0
     if d.get("noise") == "mask" and d.get("mask_token_id") is None and tokenizer is not None:
         d["mask_token_id"] = tokenizer.mask_token_id
     return SamplerConfig(**d)

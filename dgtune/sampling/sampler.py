@@ -1,9 +1,9 @@
 """The diffusion sampler shared by training-time eval, `dgtune.eval` and `dgtune.sample`: `sample()` is the one
 front door.
 
-`mode="reference"` (`reference.py`, the algorithm and its equality with transformers' `generate()` described there;
-the `SamplerConfig` default) draws what `DiffusionGemmaForBlockDiffusion.generate()` draws for the same seed.
-`mode="fast"` (`fast.py`, the default of `configs/sampler/*.yaml`) runs the same algorithm with retired finished
+`mode="reference"` (`reference.py`, the algorithm and its equality with transformers' `generate()` described there)
+draws what `DiffusionGemmaForBlockDiffusion.generate()` draws for the same seed. `mode="fast"` (`fast.py`, the
+default, set in `SamplerConfig`) runs the same algorithm with retired finished
 rows, one-pass step statistics and per-row counter-based random numbers (batch invariant), and every strategy of
 `dgtune.sampling.strategies` (`entropy_bound`, `topk_confidence`, `topk_margin`, `topk_entropy`, `topk_random`,
 `threshold`) with uniform or [MASK] noise. Strategies other than `entropy_bound` with uniform noise, canvas

@@ -41,13 +41,13 @@ def main(argv=None) -> None:
 
     from dgtune.data import splits_for
     from dgtune.eval.runner import test_rows
-    from dgtune.eval.runs import load_run, merge_overrides
+    from dgtune.eval.runs import load_run, compose_run
     from dgtune.sampling.config import sampler_config
     from dgtune.eval.runner import evaluate
     from dgtune.tasks import build_task
 
     extra = list(args.overrides) + ([f"task.test_file={args.test_file}"] if args.test_file else [])
-    cfg = merge_overrides(OmegaConf.load(args.run_dir / "config.yaml"), extra)
+    cfg = compose_run(OmegaConf.load(args.run_dir / "config.yaml"), extra)
     task = build_task(cfg.task)
     tuned, tok, _ = load_run(args.run_dir, cfg)
     tuned.config.canvas_length = task.canvas_length

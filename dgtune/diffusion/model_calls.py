@@ -46,6 +46,11 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     return getattr(out, cache_arg(type(enc))), out.last_hidden_state
 
 
+def embedding_dtype(model) -> torch.dtype:
+    """The dtype of the decoder's token embeddings (the self-conditioning logits are kept in it, as generate() does)."""
+    return unwrap(model).model.decoder.embed_tokens.weight.dtype
+
+
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits [..., v] (float32, soft-capped) for final hidden states [..., d] of the encoder or decoder."""
     core = unwrap(model)

@@ -69,6 +69,20 @@ def pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tenso
     return torch.where(after_eos, torch.full_like(tokens, pad_id), tokens)
 
 
+def adaptive_stop(history: torch.Tensor, output: torch.Tensor, entropy: torch.Tensor, cfg: SamplerConfig):
+    """The adaptive stop of the non-committing strategies, shared by both loops: a row stops once its argmax canvas
+    `output` [b, l] equals each of the last `stability_threshold` ones (`history` [s, b, l]; 0 = no stability check)
+    and its mean token entropy (`entropy` [b, l]) is below `confidence_threshold`. Returns (stop [b], history with
+    `output` pushed in)."""
+    if cfg.stability_threshold == 0:
+        stable = torch.ones(output.shape[0], dtype=torch.bool, device=output.device)
+    else:
+        stable = (history == output[None]).all(-1).all(0)
+        history = torch.roll(history, -1, 0)
+        history[-1] = output
+    return stable & (entropy.mean(-1) < cfg.confidence_threshold), history
+
+
 def sampler_config(cfg, tokenizer=None) -> SamplerConfig:
     """SamplerConfig from a run's config `cfg.sampler` (keys it lacks, as in runs saved by older versions, take
     the defaults above); `prediction` and `self_conditioning` follow how the model was trained (`cfg.objective`)

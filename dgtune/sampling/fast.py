@@ -20,13 +20,14 @@ sampler, organised for speed and batch invariance.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, encode, unwrap
+from dgtune.diffusion.model_calls import decode, embedding_dtype, encode, unwrap
 from dgtune.diffusion.objective import loo_to_denoiser_logits
 from dgtune.sampling import rng
-from dgtune.sampling.config import SampleResult, pad_after_eos
+from dgtune.sampling.config import SampleResult, adaptive_stop, pad_after_eos
 from dgtune.sampling.fused_decoder import FusedDecoder, FusedDecoderUnsupported, resolve_dtype
 from dgtune.sampling.stats import StepStats, step_stats
 from dgtune.sampling.strategies import STRATEGIES, check_strategy, strategy_step, temperature
@@ -106,61 +107,103 @@ def _bind_guide(guide, rows: torch.Tensor, known: torch.Tensor | None):
     return lambda tok, fixed: guide(tok, fixed | known, rows) & ~known
 
 
-@torch.no_grad()
-def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canvas_length: int, vocab_size: int,
-                        cfg, position_offset: int, mask_id: int | None, template: torch.Tensor | None = None,
-                        guide=None, fused: FusedDecoder | None = None, prompt_kv: list | None = None):
-    """Denoise one canvas for the rows of `cache` (row keys [b]); returns (output canvas [b, l], nfe [b]).
+@dataclass
+class CanvasJob:
+    """What one canvas' denoising loop reads and never changes (`sample_fast` builds one per canvas)."""
 
-    template [b, l] (optional): known token ids, -1 where free; known positions are clamped every step and count
-    as committed. guide: a rule guide (`dgtune.sampling.guide`; its rows index `keys`). fused: a `FusedDecoder`
-    (None: transformers' decoder); prompt_kv: its `encode_prompt` output for these rows, used instead of `cache`
-    (then None)."""
-    b, l, device = keys.shape[0], canvas_length, keys.device
-    positions = torch.arange(position_offset, position_offset + l, device=device)[None]
-    init_keys = rng.position_keys(rng.fold(keys, canvas_idx, rng.INIT), l)  # [b, l]
-    all_step_keys = rng.step_keys(keys, canvas_idx, cfg.max_steps)  # [b, steps, purposes]
-    canvas = rng.randint(init_keys, vocab_size) if mask_id is None else torch.full((b, l), mask_id, device=device)
+    model: object
+    cache: object | None  # the KV cache of the rows' prompts (and earlier canvases); None with `prompt_kv`
+    keys: torch.Tensor  # [b] counter-based random keys of the rows (`dgtune.sampling.rng`)
+    index: int  # which canvas of the answer (0 = the first)
+    length: int  # l, tokens in the canvas
+    vocab_size: int
+    position_offset: int  # position of the canvas' first token (prompt and earlier canvases before it)
+    mask_id: int | None  # noise="mask": the [MASK] id; None: uniform noise
+    template: torch.Tensor | None = None  # [b, l] known token ids, -1 where free (clamped, count as committed)
+    guide: object = None  # a rule guide (`dgtune.sampling.guide`); its rows index `keys`
+    fused: FusedDecoder | None = None  # None: transformers' decoder
+    prompt_kv: list | None = None  # the fused decoder's `encode_prompt` output, used instead of `cache`
+
+
+@dataclass
+class RowState:
+    """The loop's state for the rows still being denoised (`rows` [a] index the canvas' rows): what changes every
+    step, and what `retire` shrinks when rows finish."""
+
+    rows: torch.Tensor  # [a] active rows -> rows of the canvas
+    live: torch.Tensor  # [a] bool: active and not finished
+    canvas: torch.Tensor  # [a, l] the current noisy canvas
+    committed: torch.Tensor  # [a, l] bool: positions a committing strategy (or the template) fixed
+    kept: torch.Tensor  # [a, l] bool: positions that are not noise (read by prediction="mean_loo")
+    history: torch.Tensor  # [s, a, l] the last argmax canvases (adaptive stop)
+    sc_logits: torch.Tensor | None = None  # [a, l, v] the previous step's processed logits (self-conditioning)
+
+    def retire(self, keep: torch.Tensor) -> None:
+        """Keep only the active rows `keep` [a'] (indices into the current active rows)."""
+        self.rows, self.live = self.rows[keep], self.live[keep]
+        self.canvas, self.committed, self.kept = self.canvas[keep], self.committed[keep], self.kept[keep]
+        self.sc_logits = None if self.sc_logits is None else self.sc_logits[keep]
+        self.history = self.history[:, keep]
+
+
+def _start(job: CanvasJob, cfg, device) -> RowState:
+    """The first canvas of every row: random tokens (or all [MASK]), template positions set and committed."""
+    b, l = job.keys.shape[0], job.length
+    init_keys = rng.position_keys(rng.fold(job.keys, job.index, rng.INIT), l)  # [b, l]
+    canvas = (rng.randint(init_keys, job.vocab_size) if job.mask_id is None
+              else torch.full((b, l), job.mask_id, device=device))
     committed = torch.zeros(b, l, dtype=torch.bool, device=device)
+    if job.template is not None:
+        known = job.template >= 0  # [b, l]
+        canvas, committed = torch.where(known, job.template, canvas), known.clone()
+    history = torch.full((max(cfg.stability_threshold, 1), b, l), -1, dtype=torch.long, device=device)
+    return RowState(rows=torch.arange(b, device=device), live=torch.ones(b, dtype=torch.bool, device=device),
+                    canvas=canvas, committed=committed, kept=committed, history=history)
+
+
+@torch.no_grad()
+def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise one canvas for the rows of `job`; returns (output canvas [b, l], nfe [b])."""
+    model, l, vocab_size, mask_id, template, guide, fused = (job.model, job.length, job.vocab_size, job.mask_id,
+                                                             job.template, job.guide, job.fused)
+    b, device = job.keys.shape[0], job.keys.device
+    positions = torch.arange(job.position_offset, job.position_offset + l, device=device)[None]
+    all_step_keys = rng.step_keys(job.keys, job.index, cfg.max_steps)  # [b, steps, purposes]
+    s = _start(job, cfg, device)
     known = None if template is None else template >= 0  # [b, l]
-    if known is not None:
-        canvas, committed = torch.where(known, template, canvas), known.clone()
-    kept = committed  # positions of the current canvas that are not noise (read by prediction="mean_loo")
     # mean_loo: a row's noise level is the share of its free (non-template) positions that are noise, as in training,
     # where t is the corruption rate of the positions the template leaves free
     n_free = torch.full((b,), float(l), device=device) if known is None else (~known).sum(-1).float()  # [b]
     out = torch.empty(b, l, dtype=torch.long, device=device)
     nfe = torch.zeros(b, device=device)
-    rows = torch.arange(b, device=device)  # active rows -> rows of this canvas
-    live = torch.ones(b, dtype=torch.bool, device=device)  # active and not finished
-    history = torch.full((max(cfg.stability_threshold, 1), b, l), -1, dtype=torch.long, device=device)
-    view, sc_logits, sync_every = cache, None, _sync_every(cfg, device)
+    view, sync_every = job.cache, _sync_every(cfg, device)
     strategy = STRATEGIES[cfg.strategy]
     need_sample = not strategy.commits or cfg.commit == "sample"
-    embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
+    embed_dtype = embedding_dtype(model)
     if fused is not None:
-        kv_all = prompt_kv if prompt_kv is not None else fused.prepare_cache(cache)  # [(keys, values) [b, kvh, p, d]]
+        kv_all = job.prompt_kv if job.prompt_kv is not None else fused.prepare_cache(job.cache)  # [(k, v) [b, kvh, p, d]]
         kv, rope, embed_dtype = kv_all, fused.rope_tables(positions), torch.float32
     for i in range(cfg.max_steps):
         steps_left = cfg.max_steps - i
+        rows = s.rows
         if fused is not None:
-            raw = fused(canvas, kv, rope, sc_logits)  # [a, l, v]
+            raw = fused(s.canvas, kv, rope, s.sc_logits)  # [a, l, v]
         else:
-            raw = decode(model, canvas, view, self_conditioning_logits=sc_logits, decoder_attention_mask=NO_MASKS,
+            raw = decode(model, s.canvas, view, self_conditioning_logits=s.sc_logits, decoder_attention_mask=NO_MASKS,
                          decoder_position_ids=positions)  # [a, l, v]
         if mask_id is not None:
             raw[..., mask_id] = float("-inf")  # never predict [MASK]
         if cfg.prediction == "mean_loo":  # leave-one-out output -> denoiser posterior at the canvas' noise level
             free_a = n_free if raw.shape[0] == b else n_free[rows]  # [a]
-            t_row = ((~kept).sum(-1).float() / free_a.clamp(min=1.0)).clamp(1e-4, 1.0)  # [a] share of free positions that are noise
-            raw = loo_to_denoiser_logits(raw, canvas, t_row)
+            t_row = ((~s.kept).sum(-1).float() / free_a.clamp(min=1.0)).clamp(1e-4, 1.0)  # [a] share of free positions that are noise
+            raw = loo_to_denoiser_logits(raw, s.canvas, t_row)
         a = raw.shape[0]
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
         sample_keys = rng.position_keys(sk[:, rng.SAMPLE], l).view(-1) if need_sample else None
         held = None  # a guide's value columns of `raw` as the model gave them, masked for this step's choice only
         if guide is not None and hasattr(guide, "forbidden") and strategy.commits:
-            ids, taken = guide.forbidden(canvas, committed, rows)  # [k], [a, l, k]
+            ids, taken = guide.forbidden(s.canvas, s.committed, rows)  # [k], [a, l, k]
             held = raw[..., ids]  # [a, l, k] (a copy)
             raw[..., ids] = held.masked_fill(taken, float("-inf"))
         st = step_stats(raw.view(a * l, vocab_size), t, noise_keys=sample_keys, backend=cfg.stats_backend)
@@ -176,45 +219,36 @@ def denoise_canvas_fast(model, cache, keys: torch.Tensor, canvas_idx: int, canva
                            argmax=torch.where(k, tok, st.argmax), margin=st.margin.masked_fill(k, 1.0),
                            sample=None if st.sample is None else torch.where(k, tok, st.sample))
         step_guide = None if guide is None else _bind_guide(guide, rows, None if tmpl is None else tmpl[1])
-        canvas, committed, output = strategy_step(cfg, st, canvas, committed, steps_left, pos_keys, vocab_size, mask_id,
-                                                  step_guide)
+        s.canvas, s.committed, output = strategy_step(cfg, st, s.canvas, s.committed, steps_left, pos_keys, vocab_size,
+                                                      mask_id, step_guide)
         # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples
         if cfg.prediction == "mean_loo":
-            kept = committed if strategy.commits else committed | (canvas == st.sample)
+            s.kept = s.committed if strategy.commits else s.committed | (s.canvas == st.sample)
         if tmpl is not None:
-            canvas, output = torch.where(tmpl[1], tmpl[0], canvas), torch.where(tmpl[1], tmpl[0], output)
-        nfe.index_add_(0, rows, live.float())
+            s.canvas, output = torch.where(tmpl[1], tmpl[0], s.canvas), torch.where(tmpl[1], tmpl[0], output)
+        nfe.index_add_(0, rows, s.live.float())
         if not strategy.commits:  # adaptive stop: stable argmax and confident
-            if cfg.stability_threshold == 0:
-                stable = torch.ones_like(live)
-            else:
-                stable = (history == output[None]).all(-1).all(0)
-                history = torch.roll(history, -1, 0)
-                history[-1] = output
-            done = stable & (st.entropy.mean(-1) < cfg.confidence_threshold)
+            done, s.history = adaptive_stop(s.history, output, st.entropy, cfg)
         else:
-            done = committed.all(-1)
+            done = s.committed.all(-1)
         if steps_left == 1:
             done = torch.ones_like(done)
-        newly = live & done
+        newly = s.live & done
         out.index_copy_(0, rows, torch.where(newly[:, None], output, out.index_select(0, rows)))
-        live = live & ~done
+        s.live = s.live & ~done
         if cfg.self_conditioning:
-            sc_logits = (raw / t).to(embed_dtype)  # processed logits: next step's self-conditioning
+            s.sc_logits = (raw / t).to(embed_dtype)  # processed logits: next step's self-conditioning
         if steps_left == 1 or (i + 1) % sync_every:
             continue
-        keep = live.nonzero().squeeze(1)  # host sync
+        keep = s.live.nonzero().squeeze(1)  # host sync
         if keep.numel() == 0:
             break
         if keep.numel() < a:
-            rows, live = rows[keep], live[keep]
-            canvas, committed, kept = canvas[keep], committed[keep], kept[keep]
-            sc_logits = None if sc_logits is None else sc_logits[keep]
-            history = history[:, keep]
+            s.retire(keep)
             if fused is not None:
-                kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv_all]
+                kv = [(k.index_select(0, s.rows), v.index_select(0, s.rows)) for k, v in kv_all]
             else:
-                view = select_rows(cache, rows)
+                view = select_rows(job.cache, s.rows)
     return out, nfe
 
 
@@ -223,7 +257,7 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
                 canvas_length: int | None = None, row_seeds: torch.Tensor | None = None,
                 template: torch.Tensor | None = None, guide=None):
     """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b]).
-    template [b, l] (first canvas) and guide: see `denoise_canvas_fast`."""
+    template [b, l] (first canvas) and guide: see `CanvasJob`."""
     check_strategy(cfg)
     core_cfg = unwrap(model).config
     canvas_length = canvas_length or core_cfg.canvas_length
@@ -247,8 +281,9 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     alive = torch.arange(b, device=device)  # rows without EOS so far
     cur_len, n_canvases = p, 0
     for k in range(cfg.max_canvases):
-        out, n = denoise_canvas_fast(model, cache, keys[alive], k, canvas_length, vocab_size, cfg, cur_len, mask_id,
-                                     template if k == 0 else None, guide if k == 0 else None, fused, prompt_kv)
+        job = CanvasJob(model, cache, keys[alive], k, canvas_length, vocab_size, cur_len, mask_id,
+                        template if k == 0 else None, guide if k == 0 else None, fused, prompt_kv)
+        out, n = denoise_canvas_fast(job, cfg)
         tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
         nfe.index_add_(0, alive, n)
         n_canvases = k + 1

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dgtune.diffusion.model_calls import decode, encode, unwrap
-from dgtune.sampling.config import SampleResult, SamplerConfig, pad_after_eos
+from dgtune.diffusion.model_calls import decode, embedding_dtype, encode
+from dgtune.sampling.config import SampleResult, SamplerConfig, adaptive_stop, pad_after_eos
 from dgtune.sampling.strategies import entropy_bound_accept, temperature
 
 
@@ -67,7 +67,7 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
     and only the forward passes of rows neither finished nor done are counted. Self-conditioning logits are kept
     in the embedding dtype (bf16 on a bf16 model), as generate() keeps them."""
     device = cache.layers[0].keys.device
-    embed_dtype = unwrap(model).model.decoder.embed_tokens.weight.dtype
+    embed_dtype = embedding_dtype(model)
     canvas = torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
     positions = torch.arange(position_offset, position_offset + canvas_length, device=device)[None]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -85,13 +85,8 @@ def denoise_canvas(model, cache, batch_size: int, canvas_length: int, vocab_size
             next_canvas = torch.where(f, canvas, next_canvas)
             logits = torch.where(f[..., None], sc_logits, logits)  # [b, l, v] fp32 (sc_logits rounded, as generate())
             entropy = token_entropy(logits)
-        if cfg.stability_threshold == 0:
-            stable = torch.ones(batch_size, dtype=torch.bool, device=device)
-        else:
-            stable = (history == new_argmax[None]).all(-1).all(0)
-            history = torch.roll(history, -1, 0)
-            history[-1] = new_argmax
-        finished |= stable & (entropy.mean(-1) < cfg.confidence_threshold)
+        stop, history = adaptive_stop(history, new_argmax, entropy, cfg)
+        finished |= stop
         canvas, argmax, sc_logits = next_canvas, new_argmax, logits.to(embed_dtype)
         if finished.all():
             break

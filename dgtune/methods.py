@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from dgtune.data import batch_indices, collate_train, encode_rows
 from dgtune.diffusion.loss import DenoisingLoss
-from dgtune.diffusion.model_calls import unwrap
+from dgtune.diffusion.model_calls import unwrap, vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
 
 METHODS: dict[str, Callable] = {}  # method.name -> class(cfg, task, splits, model, tokenizer, world)
@@ -56,7 +56,7 @@ class SFT:
                              f"(trainer.batch_size={cfg.trainer.batch_size} x {world} processes)")
         obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
         aux = (task, torch.tensor(task.aux_token_ids(tokenizer))) if obj.aux_weight > 0 else None
-        self.module = DenoisingLoss(model, obj, unwrap(model).config.text_config.vocab_size, tokenizer.mask_token_id,
+        self.module = DenoisingLoss(model, obj, vocab_size(model), tokenizer.mask_token_id,
                                     aux)
 
     def describe(self) -> str:

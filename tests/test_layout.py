@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,8 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
     from omegaconf import OmegaConf
 
     from dgtune.errors import InputError
-    from dgtune.models.family import DIFFUSION_GEMMA, family_of
+    from dgtune.models.families.diffusion_gemma import DIFFUSION_GEMMA
+    from dgtune.models.family import family_of
     from dgtune.train import apply_lora
 
     model, _ = tiny
@@ -134,6 +136,51 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
     other = OmegaConf.create({"architectures": ["LLaDAModelLM"], "model_type": "llada"})
     with pytest.raises(InputError, match=r"LLaDAModelLM.*'llada'.*known: diffusion_gemma"):
         family_of(other)
+
+
+def test_model_calls_run_the_model_familys_module(tiny, monkeypatch):
+    """The front door (`dgtune.diffusion.model_calls`) runs the calls module of the model's family, so a second family
+    is one module: here a family "other" whose module counts each call and answers with DiffusionGemma's; the fast
+    sampler then runs through it (no fused decoder for that family: transformers' decoder path) and draws what it
+    draws for DiffusionGemma on that path."""
+    import copy
+    import sys
+    import types
+
+    from dgtune.diffusion import model_calls
+    from dgtune.models import family as fam
+    from dgtune.models.families import diffusion_gemma as dg
+    from dgtune.sampling.config import SamplerConfig
+    from dgtune.sampling.sampler import sample
+
+    model, tok = tiny
+    counts = {}
+    module = types.ModuleType("other_family_calls")
+    for name in ("encode", "decode_hidden", "lm_logits", "embedding_dtype", "vocab_size"):
+        def call(*args, _name=name, **kw):
+            counts[_name] = counts.get(_name, 0) + 1
+            return getattr(dg, _name)(*args, **kw)
+        setattr(module, name, call)
+    monkeypatch.setitem(sys.modules, "other_family_calls", module)
+    monkeypatch.setitem(fam.FAMILIES, "other", fam.ModelFamily(
+        name="other", architectures=("OtherLM",), model_types=("other",), model_class="OtherLM",
+        lora_target_modules="x", calls="other_family_calls"))
+    other_cls = type("OtherLM", (type(model),), {})
+    other = copy.copy(model)
+    other.__class__ = other_cls
+    other.config = copy.deepcopy(model.config)
+    other.config.architectures = ["OtherLM"]
+    assert fam.family_of(other).name == "other" and model_calls.family_calls(other) is module
+    prompts = torch.randint(7, 40, (2, 10), generator=torch.Generator().manual_seed(0))
+    cfg = SamplerConfig(max_steps=4)  # decoder=auto: fused for DiffusionGemma, not for "other"
+    ours = sample(other, prompts, cfg, torch.Generator().manual_seed(1), tok.eos_token_id, tok.pad_token_id)
+    ref = sample(model, prompts, SamplerConfig(max_steps=4, decoder="transformers"), torch.Generator().manual_seed(1),
+                 tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(ours.tokens, ref.tokens) and torch.equal(ours.nfe, ref.nfe)
+    assert counts["encode"] == 1 and counts["decode_hidden"] == counts["lm_logits"] >= 1 and counts["vocab_size"] == 1
+    with pytest.raises(Exception, match="no fused decoder for model family other"):
+        sample(other, prompts, SamplerConfig(max_steps=4, decoder="fused"), torch.Generator().manual_seed(1),
+               tok.eos_token_id, tok.pad_token_id)
 
 
 def test_a_new_task_is_one_file_and_one_yaml(tmp_path, monkeypatch):

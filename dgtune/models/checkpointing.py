@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dgtune.diffusion.model_calls import unwrap
+from dgtune.diffusion.model_calls import encoder_layers, unwrap
 
 
 @contextmanager
@@ -56,7 +56,7 @@ def enable_gradient_checkpointing(model) -> None:
         core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers 5.17's name
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for layer in core.model.encoder.language_model.layers:
+    for layer in encoder_layers(core):
         if getattr(layer, "_dgtune_checkpointed", False):
             continue
         layer.forward = functools.partial(_checkpointed_encoder_forward, layer, layer.forward)

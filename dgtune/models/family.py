@@ -4,8 +4,9 @@ A profile holds the facts that differ between families: how to recognise the fam
 architecture first, then `model_type`: two families may share a model type), the transformers class that loads it,
 the LoRA target pattern (attention and dense-MLP linears, anchored so that output heads are never hit), the MoE
 router parameters a full fine-tune keeps frozen, and the modules a 4-bit / 8-bit load keeps in 16 bits. Each family
-joins `FAMILIES` where it is defined (`register_family`); DiffusionGemma is the first. The next family is one
-profile (and the model calls it needs), not an edit of every module that loads, wraps or quantises a model.
+joins `FAMILIES` where it is defined (`register_family`), in its own module of `dgtune/models/families/` that also
+holds its model calls (`calls`); DiffusionGemma (`families/diffusion_gemma.py`) is the first. The next family is one
+new module there, not an edit of every module that loads, wraps, quantises, trains or samples a model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ModelFamily:
     router_param: str | None = None  # substring of the MoE router's parameter names (frozen in a full fine-tune)
     quant_skip_modules: tuple[str, ...] = ()  # module-name suffixes kept 16-bit by bitsandbytes loads
     noise: str = "uniform"  # the noise the family was trained with ("uniform" random tokens or "mask")
+    calls: str = ""  # the module with the family's model calls (encode, decode_hidden, ...; see model_calls)
+    fused_decoder: bool = False  # whether dgtune.sampling.fused_decoder implements the family's decoder
 
     def load_class(self):
         """The transformers class named by `model_class`."""
@@ -58,6 +61,16 @@ DIFFUSION_GEMMA = register_family(ModelFamily(
 ))
 
 
+def discover() -> None:
+    """Import every module of `dgtune.models.families`, so that each registers its family."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    for info in pkgutil.iter_modules([str(Path(__file__).parent / "families")]):
+        importlib.import_module(f"dgtune.models.families.{info.name}")
+
+
 def family_of(model_or_config) -> ModelFamily:
     """The family of a model (peft-wrapped or not) or of its config: by architecture first, then by model type;
     a clear error names what was found and the families dgtune knows."""
@@ -68,13 +81,16 @@ def family_of(model_or_config) -> ModelFamily:
     if not architectures and hasattr(model_or_config, "config"):
         base = model_or_config.get_base_model() if hasattr(model_or_config, "get_base_model") else model_or_config
         architectures = (type(base).__name__,)
-    for fam in FAMILIES.values():
-        if set(architectures) & set(fam.architectures):
-            return fam
     model_type = getattr(config, "model_type", None)
-    for fam in FAMILIES.values():
-        if model_type in fam.model_types:
-            return fam
+    for attempt in range(2):
+        for fam in FAMILIES.values():
+            if set(architectures) & set(fam.architectures):
+                return fam
+        for fam in FAMILIES.values():
+            if model_type in fam.model_types:
+                return fam
+        if attempt == 0:
+            discover()
     known = ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in FAMILIES.values())
     from dgtune.errors import InputError
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgtune.models.family import DIFFUSION_GEMMA, family_of
+from dgtune.models.families.diffusion_gemma import DIFFUSION_GEMMA
+from dgtune.models.family import family_of
 
 SKIP_MODULES = list(DIFFUSION_GEMMA.quant_skip_modules)  # DiffusionGemma's: suffix matches (should_convert_module)
 

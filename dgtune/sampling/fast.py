@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dgtune.diffusion.model_calls import decode, embedding_dtype, encode, unwrap
+from dgtune.diffusion.model_calls import vocab_size as model_vocab_size
 from dgtune.diffusion.objective import loo_to_denoiser_logits
 from dgtune.sampling import rng
 from dgtune.sampling.config import SampleResult, adaptive_stop, pad_after_eos
@@ -77,8 +78,14 @@ def build_decoder(model, cfg, device: torch.device) -> FusedDecoder | None:
         raise ValueError(f"sampler.decoder must be auto, fused or transformers, got {cfg.decoder!r}")
     if cfg.decoder == "transformers":
         return None
+    from dgtune.models.family import family_of
+
     core = unwrap(model)
-    dtype = resolve_dtype(cfg.decoder_dtype, core.model.decoder.embed_tokens.weight.dtype, device)
+    if not family_of(core).fused_decoder:
+        if cfg.decoder == "fused":
+            raise FusedDecoderUnsupported(f"sampler.decoder=fused: no fused decoder for model family {family_of(core).name}")
+        return None
+    dtype = resolve_dtype(cfg.decoder_dtype, embedding_dtype(core), device)
     key = (dtype, bool(cfg.compile), tuple(p._version for p in model.parameters()), adapter_state(model))
     cached = getattr(core, "_dgtune_fused_decoder", None)
     if cached is not None and cached[0] == key:
@@ -261,7 +268,7 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     check_strategy(cfg)
     core_cfg = unwrap(model).config
     canvas_length = canvas_length or core_cfg.canvas_length
-    vocab_size = core_cfg.text_config.vocab_size
+    vocab_size = model_vocab_size(model)
     b, p = prompt_ids.shape
     device = prompt_ids.device
     if row_seeds is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from dgtune.diffusion.model_calls import decode, embedding_dtype, encode
+from dgtune.diffusion.model_calls import vocab_size as model_vocab_size
 from dgtune.sampling.config import SampleResult, SamplerConfig, adaptive_stop, pad_after_eos
 from dgtune.sampling.strategies import entropy_bound_accept, temperature
 
@@ -100,7 +101,7 @@ def sample_reference(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, genera
     order and shapes, canvas after canvas until every row has emitted EOS (or `max_canvases`)."""
     core_cfg = getattr(model, "config", None)
     canvas_length = canvas_length or core_cfg.canvas_length
-    vocab_size = core_cfg.text_config.vocab_size
+    vocab_size = model_vocab_size(model)
     b, p = prompt_ids.shape
     cache, _ = encode(model, prompt_ids)
     done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # rows with an EOS in an earlier canvas

@@ -15,6 +15,7 @@ import sys
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dgtune.runtime import PRECISIONS
 from dgtune.sampling.strategies import STRATEGIES
 
 
@@ -84,7 +85,7 @@ RULES = {
     "trainer.min_lr_ratio": _num(0, 1),
     "trainer.max_grad_norm": _num(0, lo_open=True),
     "trainer.train_router": _bool(),
-    "trainer.mixed_precision": _choice("auto", "no", "bf16", "fp16"),
+    "trainer.mixed_precision": _choice("auto", *PRECISIONS),
     "trainer.device": _choice("auto", "cpu"),
     "trainer.gradient_checkpointing": _bool(),
     "trainer.log_every": _int(1),

@@ -140,6 +140,20 @@ def require_test_rows(task, splits, cfg) -> None:
         raise ValueError(f"task {task.name}: no test rows to evaluate (set task.files.test or task.test_file)")
 
 
+def _base_for(model, base_model, cfg, task):
+    """(base model, context to sample it in): the one given, the tuned model with its adapter disabled, or a fresh
+    load of `cfg.model` (a full fine-tune)."""
+    if base_model is not None:
+        return base_model, nullcontext()
+    if hasattr(model, "disable_adapter"):
+        return model, model.disable_adapter()
+    from dgtune.models.load import load_model
+
+    base, _ = load_model(cfg.model)
+    base.config.canvas_length = task.canvas_length
+    return base, nullcontext()
+
+
 def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=None, base_model=None) -> str:
     """Evaluate tuned (and base) over `eval.steps`, write the report files, print the table; returns report.json."""
     rows = test_rows(task, splits, cfg)
@@ -150,35 +164,27 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     steps = list(cfg.eval.steps)
     bars = bool(cfg.get("trainer", {}).get("progress_bar", True))
     errors = cfg.eval.get("on_verifier_error", "fail")
-    records, timings = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned", name,
-                                progress=bars, on_verifier_error=errors)
     guided = bool(cfg.eval.get("guided"))  # verifier-guided renoising: its own curve, never mixed into the plain one
-    if cfg.eval.compare_base:
-        if base_model is not None:
-            ctx, base = nullcontext(), base_model
-        elif hasattr(model, "disable_adapter"):
-            ctx, base = model.disable_adapter(), model
-        else:
-            from dgtune.models.load import load_model
 
-            base, _ = load_model(cfg.model)
-            base.config.canvas_length = task.canvas_length
-            ctx = nullcontext()
+    def curve(label, which, sampler, sampler_name, through_guide=False):
+        return evaluate(which, tokenizer, task, rows, steps, sampler, cfg.eval.batch_size, cfg.seed, label,
+                        sampler_name, guided=through_guide, progress=bars, on_verifier_error=errors)
+
+    curves = {"tuned": curve("tuned", model, scfg, name)}  # name -> (records, timings)
+    if cfg.eval.compare_base:
+        base, ctx = _base_for(model, base_model, cfg, task)
         # the base is sampled as it was trained (the released objective: a denoiser with self-conditioning),
         # whatever the adapter learned
         base_cfg = replace(scfg, prediction="denoiser", self_conditioning=True)
         with ctx:
-            r2, t2 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base", name,
-                              progress=bars, on_verifier_error=errors)
+            curves["base"] = curve("base", base, base_cfg, name)
             if guided:  # the base through the same guide: what the rules alone give without the fine-tune
-                r4, t4 = evaluate(base, tokenizer, task, rows, steps, base_cfg, cfg.eval.batch_size, cfg.seed, "base",
-                                  f"{name}+verifier", guided=True, progress=bars, on_verifier_error=errors)
-                r2, t2 = r2 + r4, {**t2, **t4}
-        records, timings = r2 + records, {**t2, **timings}
+                curves["base+verifier"] = curve("base", base, base_cfg, f"{name}+verifier", True)
     if guided:
-        r3, t3 = evaluate(model, tokenizer, task, rows, steps, scfg, cfg.eval.batch_size, cfg.seed, "tuned",
-                          f"{name}+verifier", guided=True, progress=bars, on_verifier_error=errors)
-        records, timings = records + r3, {**timings, **t3}
+        curves["tuned+verifier"] = curve("tuned", model, scfg, f"{name}+verifier", True)
+    order = [k for k in ("base", "base+verifier", "tuned", "tuned+verifier") if k in curves]  # the report's order
+    records = [r for k in order for r in curves[k][0]]
+    timings = {key: t for k in order for key, t in curves[k][1].items()}
     table_rows = aggregate(records, timings)
     out_dir = Path(cfg.eval.get("out_dir") or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

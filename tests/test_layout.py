@@ -138,6 +138,24 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
         family_of(other)
 
 
+def test_docs_recipe_lines_compose():
+    """Every command line of docs/recipes.md (the retired recipes as overrides) composes, and the curated recipe
+    files carry no provenance (run folders, measured figures) in their headers."""
+    import shlex
+
+    from dgtune.config import compose, recipes_dir
+
+    text = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("python -m dgtune.train ")]
+    assert len(lines) == 7
+    for line in lines:
+        cfg = compose(shlex.split(line)[3:])
+        assert cfg.run_name == shlex.split(line)[-1].split("=")[1]
+    for path in recipes_dir().glob("*.yaml"):
+        header = "\n".join(ln for ln in path.read_text().splitlines() if ln.startswith("#"))
+        assert "runs/" not in header and "Measured" not in header, path.name
+
+
 def test_model_calls_run_the_model_familys_module(tiny, monkeypatch):
     """The front door (`dgtune.diffusion.model_calls`) runs the calls module of the model's family, so a second family
     is one module: here a family "other" whose module counts each call and answers with DiffusionGemma's; the fast

@@ -31,7 +31,7 @@ def test_default_targets_and_optional_experts(tiny):
 def _full_finetune(tmp_path, extra):
     from dgtune.train import train
 
-    cfg = compose(["recipe=sudoku_4x4_full", "trainer.max_steps=2", "trainer.batch_size=4", "task.n_train=16",
+    cfg = compose(["recipe=sudoku_4x4", "lora=none", "trainer.lr=0.001", "trainer.max_steps=2", "trainer.batch_size=4", "task.n_train=16",
                    "task.n_val=4", "task.n_test=4", "eval.at_end=false", "eval.quick_every=0", "trainer.progress_bar=false",
                    "trainer.mixed_precision=no", f"run_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", *extra])
     train(cfg)

@@ -119,7 +119,7 @@ def test_base_rows_of_a_mean_loo_run_are_sampled_as_a_denoiser(tiny, tmp_path, m
         return [], {}
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
-    cfg = compose(["recipe=sudoku_mean_loo", "task.n_test=4", f"eval.out_dir={tmp_path}"])
+    cfg = compose(["recipe=sudoku", "task.template=false", "task.compact_prompt=false", "task.fresh=false", "task.n_test=4", f"eval.out_dir={tmp_path}"])
     model, tok = tiny
     task = build_task(cfg.task)
     ev.run_report(model, tok, task, {"test": []}, cfg, tmp_path, base_model=model)

@@ -33,6 +33,25 @@ def register_method(name: str):
     return deco
 
 
+def method_class(cfg):
+    """The class of `cfg.method.name`: registered by dgtune's own methods, or by the module `cfg.method.module`
+    names (imported here: `dgtune.rl.method` for `method=rl`, or your own); ConfigError listing the known names."""
+    import importlib
+
+    from dgtune.errors import ConfigError
+
+    name = method_name(cfg)
+    module = (cfg.get("method") or {}).get("module")
+    if name not in METHODS and module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"method.module={module!r} cannot be imported ({e})") from e
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not allowed: expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def method_name(cfg) -> str:
     """`cfg.method.name`, "sft" for runs saved before methods were configurable."""
     method = cfg.get("method")

@@ -29,11 +29,12 @@ from dgtune.data import splits_for
 from dgtune.models.checkpointing import enable_gradient_checkpointing
 from dgtune.models.family import family_of
 from dgtune.models.load import load_model
-from dgtune.methods import METHODS, method_name
+from dgtune.methods import method_class, method_name
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir
 from dgtune.runtime import accelerator_session, resolve_precision
 from dgtune.tasks import build_task
 from dgtune.validate import CheckpointError, check_config, check_inputs, cli_errors, quiet_third_party
+from dgtune.warm_start import check_init_from, load_init
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -110,6 +111,7 @@ def _setup_and_train(cfg: DictConfig, accelerator) -> dict:
                            f"({accelerator.distributed_type}); on CPUs pass trainer.device=cpu")
     task = build_task(cfg.task)
     check_inputs(cfg, task)  # a bad test file or model folder fails now, not after training
+    check_init_from(cfg)  # init_from: a finished run of the same model and task
     splits = splits_for(task, cfg)  # data files (e.g. task=jsonl) are read before the run folder exists
     if cfg.eval.at_end:  # a data task without test rows fails now, not after training
         from dgtune.eval.runner import require_test_rows
@@ -145,15 +147,18 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
     # Model, adapters and the method's loss module
     model, tokenizer = load_model(cfg.model)
     model.config.canvas_length = task.canvas_length
-    if cfg.lora.enabled:
+    warm = load_init(model, cfg)  # init_from: a finished run's adapter (trainable) or full model
+    if warm is not None:
+        model = warm
+    elif cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    elif not cfg.trainer.train_router:
+    if not hasattr(model, "peft_config") and not cfg.trainer.train_router:
         freeze_router(model)
     if cfg.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    method = METHODS[method_name(cfg)](cfg, task, splits, model, tokenizer, world)
+    method = method_class(cfg)(cfg, task, splits, model, tokenizer, world)
 
     # The module accelerate wraps is the method's whole loss, so DDP/FSDP hooks see every model call. The
     # scheduler is not prepared: accelerate would step it once per process per optimizer step.
@@ -181,6 +186,7 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
     window_tokens, window_t0, loss = 0, time.perf_counter(), None
     skips = 0  # consecutive steps skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)
     deadline = t_start + 60 * tc.max_minutes if tc.max_minutes else None
+    block = getattr(method, "steps_per_block", 1)  # a method's steps that share state (RL: one rollout block)
     progress["started"] = True
     while step < tc.max_steps:
         optimizer.zero_grad(set_to_none=True)
@@ -217,7 +223,7 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
         if cfg.eval.quick_every and step % cfg.eval.quick_every == 0 and step < tc.max_steps:
             hooks.quick_eval_point(run, step)
             loss_fn.train()
-        out_of_time = hooks.past_deadline(run, deadline)
+        out_of_time = hooks.past_deadline(run, deadline) and step % block == 0  # stop at a block boundary
         if step % tc.ckpt_every == 0 or step == tc.max_steps or out_of_time:
             hooks.checkpoint(run, step, t_start)
         if out_of_time:

@@ -45,22 +45,6 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-DIFFUSION_GEMMA = register_family(ModelFamily(
-    name="diffusion_gemma",
-    architectures=("DiffusionGemmaForBlockDiffusion",),
-    model_types=("diffusion_gemma",),
-    model_class="DiffusionGemmaForBlockDiffusion",
-    # attention q/k/v/o and the dense MLP of the encoder's and the decoder's layers: the released reference
-    # fine-tune's targets; the LM head, the self-conditioning MLP, router and experts are not matched
-    lora_target_modules=r"model\.(encoder\.language_model|decoder)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-    router_param=".router.",  # router.proj.weight, router.scale, router.per_expert_scale
-    # the tied LM head and the router projections (exact routing, 0.04% of the 26B); transformers' default skip
-    # list would quantise no layer linear at all (dgtune.models.quant)
-    quant_skip_modules=("lm_head", "router.proj"),
-    noise="uniform",
-))
-
-
 def discover() -> None:
     """Import every module of `dgtune.models.families`, so that each registers its family."""
     import importlib

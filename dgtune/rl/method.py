@@ -1,0 +1,225 @@
+"""`method=rl`: reinforcement learning from the task's verifier after SFT, at the step count you will sample with.
+
+One optimizer step, read top to bottom (`RL.micro_step`):
+
+1. **Rollouts** (every `method.mu` steps, a new block): `prompts_per_step` = global batch / `group_size` training
+   prompts (a pure function of seed and block), each repeated `group_size` times; each process draws its own rows'
+   completions with dgtune's fast sampler (`sampler.*`, the eval sampler with its templates and guides) at
+   `method.rollout_steps` denoising steps, from per-row seeds (seed, block, row): the same completions on 1 or N
+   processes, and after a resume.
+2. **Rewards** from the task's verifier (`dgtune.rl.rewards`), **advantages** per group (`group_advantages`).
+3. For `mu` > 1 the old policy's estimates (no gradient) at the block's start; with `method.beta` > 0 (or
+   `method.log_kl`) the reference policy's (the `init_from` weights: the adapter's initial values swapped in, no
+   second copy of the model).
+4. **The loss** (`PolicyLoss`, the module accelerate wraps, so DDP sees the model call): the estimator's
+   per-position log-likelihoods of the completions under the current policy (`dgtune.rl.likelihood`, with gradient),
+   then GRPO's clipped surrogate + KL or wd1's weighted likelihood (`dgtune.rl.objectives`).
+
+The loop, checkpoints, quick evals / learning curve (at `eval.quick_steps`), deadline and the final report are the
+training loop's (`dgtune.train`, `dgtune.hooks`), shared with SFT. Blocks are whole: with `mu` > 1 checkpoints and
+the deadline fall on block boundaries, so a resumed run redraws exactly the rollouts an uninterrupted one used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from dgtune.data import batch_indices, prompt_ids, row_prompt
+from dgtune.diffusion.model_calls import vocab_size
+from dgtune.diffusion.objective import ObjectiveConfig
+from dgtune.errors import ConfigError
+from dgtune.methods import register_method
+from dgtune.rl.likelihood import ESTIMATORS, Completions, sequence_logp
+from dgtune.rl.objectives import group_advantages, grpo_loss, wd1_loss
+from dgtune.rl.rewards import Rewarder
+from dgtune.sampling.config import pad_after_eos, sampler_config
+from dgtune.sampling.sampler import sample
+
+OBJECTIVES = ("grpo", "wd1")
+
+
+@dataclass
+class Rollouts:
+    """One block's completions of this process' rows and what the loss needs of them."""
+
+    batch: Completions
+    rewards: torch.Tensor  # [b]
+    advantages: torch.Tensor  # [b]
+    solved: torch.Tensor  # [b]
+    flat_groups: int  # groups of this process with no reward variance
+    old_logp: torch.Tensor | None  # [b, l] (mu > 1)
+    ref_logp: torch.Tensor | None  # [b, l] (beta > 0 or log_kl)
+    est_var: float | None  # mean over rows of the estimator's variance across repeated draws (when measured)
+    tokens: int
+
+
+class PolicyLoss(torch.nn.Module):
+    """The RL loss of a block's rollouts as a module around the model (what accelerate wraps)."""
+
+    def __init__(self, model, method: "RL"):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, ro: Rollouts) -> dict[str, torch.Tensor]:
+        """Loss and statistics of the rollouts `ro` under the current policy."""
+        m = self.method
+        logp = m.estimate(self.model, ro.batch)  # [b, l] with gradient
+        free = ro.batch.free
+        if m.objective == "grpo":
+            old = ro.old_logp if ro.old_logp is not None else logp.detach()
+            loss, stats = grpo_loss(logp, old, ro.ref_logp, ro.advantages, free, m.clip_eps, m.beta)
+        else:
+            loss = wd1_loss(sequence_logp(logp, free), ro.advantages, m.group_size, m.psi)
+            stats = {}
+            if ro.ref_logp is not None:
+                diff = (ro.ref_logp - logp).detach()
+                stats["kl"] = ((torch.exp(diff) - diff - 1) * free).sum() / free.sum().clamp(min=1)
+        device = logp.device
+        out = {"loss": loss, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
+               "rollout_solved": ro.solved.mean().to(device),
+               "flat_groups": torch.tensor(float(ro.flat_groups), device=device), **stats}
+        if ro.est_var is not None:
+            out["estimator_var"] = torch.tensor(ro.est_var, device=device)
+        return out
+
+
+@register_method("rl")
+class RL:
+    """Reinforcement learning from the task's verifier (module docstring); settings in `configs/method/rl.yaml`."""
+
+    def __init__(self, cfg, task, splits, model, tokenizer, world: int):
+        m = cfg.method
+        self.cfg, self.task, self.tokenizer, self.model = cfg, task, tokenizer, model
+        self.group_size, self.mu = int(m.group_size), int(m.mu)
+        self.objective, self.estimator = m.objective, m.estimator
+        self.clip_eps, self.beta, self.psi = float(m.clip_eps), float(m.beta), float(m.psi)
+        self.draws, self.prompt_noise = int(m.draws), float(m.prompt_noise)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"method.objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"method.estimator={self.estimator!r}: expected one of {', '.join(ESTIMATORS)}")
+        if cfg.trainer.batch_size % self.group_size:
+            raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must hold whole groups of "
+                              f"method.group_size={self.group_size} (each process computes its groups' advantages)")
+        if cfg.trainer.grad_accum != 1:
+            raise ConfigError("method=rl takes trainer.grad_accum=1 (a step's completions are one rollout batch)")
+        if self.mu < 1 or cfg.trainer.ckpt_every % self.mu:
+            raise ConfigError(f"trainer.ckpt_every={cfg.trainer.ckpt_every} must be a multiple of method.mu={self.mu} "
+                              "(checkpoints fall on rollout-block boundaries, so a resume redraws the same rollouts)")
+        self.steps_per_block = self.mu
+        self.prompts = splits["train"]
+        self.global_batch = cfg.trainer.batch_size * world
+        self.rewarder = Rewarder(task, OmegaConf.to_container(m.reward), m.get("reward_fn"))
+        self.obj_cfg = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
+        self.vocab, self.mask_id = vocab_size(model), tokenizer.mask_token_id
+        scfg = sampler_config(cfg, tokenizer)
+        self.sampler = type(scfg)(**{**scfg.__dict__, "max_steps": int(m.rollout_steps)})
+        self.variance_every = int(m.variance_every)
+        self.log_kl = bool(m.log_kl) or self.beta > 0
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # the reference policy: the init weights of what trains (the adapter; a full fine-tune copies its trainables)
+        self.trainable, self.reference = trainable, [p.detach().clone() for p in trainable] if self.log_kl else None
+        self.module = PolicyLoss(model, self)
+        self.block: tuple[int, Rollouts] | None = None
+
+    def describe(self) -> str:
+        """What it trains on, for the start-up line."""
+        return (f"rl={self.objective}/{self.estimator} prompts={len(self.prompts)} group={self.group_size} "
+                f"rollout_steps={self.sampler.max_steps}")
+
+    def estimate(self, model, batch: Completions, seed_offset: int = 0) -> torch.Tensor:
+        """The configured estimator's per-position log-likelihoods [b, l] (draws from the rows' seeds), computed in
+        the weights' dtype with autocast off: the log-ratios and KL of nearby policies are differences of small
+        numbers, and bf16 autocast rounded a young adapter's whole effect away (estimates with and without it
+        were equal to the bit on the tiny model)."""
+        if seed_offset:
+            batch = Completions(batch.input_ids, batch.attention_mask, batch.prompt_len, batch.canvas, batch.keep,
+                                batch.seeds + seed_offset)
+        with torch.autocast(batch.canvas.device.type, enabled=False):
+            return ESTIMATORS[self.estimator](model, batch, self.obj_cfg, self.vocab, self.mask_id, self.draws,
+                                              self.prompt_noise)
+
+    @contextlib.contextmanager
+    def reference_weights(self):
+        """The reference policy's weights in place of the trainable ones (restored on exit); no gradient."""
+        saved = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for p, r in zip(self.trainable, self.reference):
+                p.copy_(r)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.trainable, saved):
+                    p.copy_(s)
+
+    def _rollouts(self, block: int, device, rows: slice | None) -> Rollouts:
+        """Draw, grade and score this process' rows of block `block` (module docstring, steps 1-3)."""
+        cfg, tok, task = self.cfg, self.tokenizer, self.task
+        P = self.global_batch // self.group_size
+        picked = batch_indices(len(self.prompts), P, block, cfg.seed)  # [P] prompt indices of this block
+        global_rows = [self.prompts[i] for i in picked for _ in range(self.group_size)]  # [P G]
+        lo, hi = (rows.start, rows.stop) if rows is not None else (0, len(global_rows))
+        mine = global_rows[lo:hi]
+        seeds = torch.arange(lo, hi, dtype=torch.long) + cfg.seed * 1_000_003 + block * 100_003 + 7
+        ids = [prompt_ids(tok, row_prompt(r)) for r in mine]
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        template = task.template_tensor(tok, mine) if getattr(task, "use_template", False) else None  # [b, l]
+        guided = bool(cfg.method.get("guided"))
+        canvas = torch.empty(len(mine), task.canvas_length, dtype=torch.long)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            by_len: dict[int, list[int]] = {}
+            for i, x in enumerate(ids):
+                by_len.setdefault(len(x), []).append(i)
+            for _, idx in sorted(by_len.items()):  # equal-length prompts per call
+                res = sample(self.model, torch.tensor([ids[i] for i in idx], device=device), self.sampler,
+                             torch.Generator(device=device).manual_seed(block), eos, pad, task.canvas_length,
+                             row_seeds=seeds[idx].to(device),
+                             template=None if template is None else template[idx].to(device),
+                             guide=task.make_guide(tok, [mine[i] for i in idx]) if guided else None)
+                canvas[idx] = res.tokens[:, : task.canvas_length].cpu()
+        texts = tok.batch_decode(canvas, skip_special_tokens=True)
+        scored = [self.rewarder(r, t) for r, t in zip(mine, texts)]
+        rewards = torch.tensor([s for s, _ in scored], dtype=torch.float32)
+        solved = torch.tensor([float(g.get("solved") or 0.0) for _, g in scored])
+        adv, flat = group_advantages(rewards, self.group_size, bool(cfg.method.normalise_advantages))
+        canvas = pad_after_eos(canvas, eos, eos)  # the SFT canvas form: EOS-filled after the first EOS
+        s = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), s), pad, dtype=torch.long)
+        attention = torch.zeros(len(ids), s, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)], attention[i, : len(x)] = torch.tensor(x), 1
+        batch = Completions(input_ids.to(device), attention.to(device), attention.sum(-1).to(device),
+                            canvas.to(device), None if template is None else (template >= 0).to(device),
+                            seeds.to(device))
+        old = ref = var = None
+        with torch.no_grad():
+            if self.mu > 1:
+                old = self.estimate(self.model, batch)
+            if self.log_kl:
+                with self.reference_weights():
+                    ref = self.estimate(self.model, batch)
+            if self.variance_every and block % self.variance_every == 0:
+                reps = torch.stack([sequence_logp(self.estimate(self.model, batch, 1_000_000 * (j + 1)), batch.free)
+                                    for j in range(3)])  # [3, b]
+                var = float(reps.var(0).mean())
+        if was_training:
+            self.model.train()
+        return Rollouts(batch, rewards.to(device), adv.to(device), solved.to(device), flat, old, ref, var,
+                        int(attention.sum()) + canvas.numel())
+
+    def micro_step(self, module, micro_step: int, device, rows: slice | None) -> tuple[dict, int]:
+        """(loss dict of this process' rows, tokens) for optimizer step `micro_step` (grad_accum is 1)."""
+        block = micro_step // self.mu
+        if self.block is None or self.block[0] != block:
+            self.block = (block, self._rollouts(block, device, rows))
+        ro = self.block[1]
+        return module(ro), ro.tokens
+

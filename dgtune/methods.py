@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from dgtune.data import batch_indices, collate_train, encode_rows
 from dgtune.diffusion.loss import DenoisingLoss
-from dgtune.diffusion.model_calls import unwrap, vocab_size
+from dgtune.diffusion.model_calls import vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
 
 METHODS: dict[str, Callable] = {}  # method.name -> class(cfg, task, splits, model, tokenizer, world)

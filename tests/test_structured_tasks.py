@@ -162,3 +162,23 @@ def test_templated_families_sample_and_grade_through_the_eval_runner(tiny):
         is_eos = out.tokens == tok.eos_token_id  # an untrained model may end early: compare before EOS
         known = (template >= 0) & ((torch.cumsum(is_eos.long(), -1) - is_eos.long()) == 0)
         assert known.any() and torch.equal(out.tokens[known], template[known])
+
+
+def test_countdown_reads_d1s_jsonl_test_file(tmp_path):
+    """d1's public Countdown file (`{"input": "30,100,93", "output": "23"}` a line) is read as it is and graded
+    by the rules (each number exactly once with `require_all`); a malformed line names the file and line."""
+    from dgtune.errors import InputError
+    from dgtune.tasks.countdown import CountdownTask
+
+    good = tmp_path / "cd3.jsonl"
+    good.write_text('{"input": "30,100,93", "output": "23"}\n\n{"input": "5,7,2", "output": "70"}\n')
+    task = CountdownTask(require_all=True)
+    rows = task.load_test_file(str(good))
+    assert [r["prompt"] for r in rows] == ["countdown:23;30,100,93", "countdown:70;5,7,2"]
+    assert task.grade(rows[0], "30-(100-93)")["solved"] == 1.0
+    assert task.grade(rows[0], "30-7")["solved"] == 0.0  # 7 is not a given number
+    assert task.grade(rows[1], "5*7*2")["solved"] == 1.0 and task.grade(rows[1], "7*(5+5)")["solved"] == 0.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "1,2,3", "output": "6"}\n{"input": "1,2"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: expected"):
+        task.load_test_file(str(bad))

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from dgtune.data import batch_indices, collate_train, encode_rows
 from dgtune.tasks.base import Mixture

@@ -121,8 +121,8 @@ def one_pass(model, batch: Completions, objective, vocab_size: int, mask_id: int
 def elbo(model, batch: Completions, objective, vocab_size: int, mask_id: int | None, draws: int = 2,
          prompt_noise: float = 0.0) -> torch.Tensor:
     """The ELBO-style estimate (module docstring): per-position weighted log-probabilities [b, l] of the clean
-    completion at `draws` stratified noise levels, averaged over the levels."""
-    b = batch.canvas.shape[0]
+    completion at `draws` stratified noise levels, averaged over the levels (`prompt_noise` is not used: the
+    prompt stays clean, as in the SFT loss)."""
     keys = rng.seed_keys(batch.seeds)  # [b]
     u = rng.uniform(rng.fold(keys, LEVEL_DRAW))  # [b] one offset per row, shared by its K levels
     eps = objective.eps

@@ -206,7 +206,7 @@ class RL:
             if self.log_kl:
                 with self.reference_weights():
                     ref = self.estimate(self.model, batch)
-            if self.variance_every and block % self.variance_every == 0:
+            if self.variance_every and (block + 1) % self.variance_every == 0:  # logged with the step's record
                 reps = torch.stack([sequence_logp(self.estimate(self.model, batch, 1_000_000 * (j + 1)), batch.free)
                                     for j in range(3)])  # [3, b]
                 var = float(reps.var(0).mean())

@@ -200,6 +200,34 @@ class CountdownTask(StructuredTask):
         except ValueError:
             raise CountdownError(f"prompt {prompt!r}: target and numbers must be whole numbers") from None
 
+    def load_test_file(self, path: str) -> list[dict]:
+        """Test rows from a file: d1's JSON lines (`{"input": "30,100,93", "output": "23"}`: the numbers and the
+        target, read as they are; `dllm-reasoning/d1`'s `countdown_cd3_test.jsonl`) when it ends in `.jsonl`, else
+        one prompt `countdown:<target>;<n1>,...` a line. A malformed line names the file and line."""
+        if not str(path).endswith(".jsonl"):
+            return super().load_test_file(path)
+        import json
+        from pathlib import Path
+
+        from dgtune.errors import InputError
+
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"test file {p} does not exist")
+        rows = []
+        for lineno, line in enumerate(p.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                numbers = [int(x) for x in str(obj["input"]).split(",")]
+                target = int(obj["output"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{p}:{lineno}: expected {{\"input\": \"n1,n2,...\", \"output\": \"target\"}} "
+                                 f"({type(e).__name__}: {e})") from None
+            rows.append({**self._row(numbers, target, "", f"n{len(numbers)}"), "source": f"{p}:{lineno}"})
+        return rows
+
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """The rules (`verify`) and `exact` = the reference expression itself."""
         numbers = [int(x) for x in row["puzzle"].split(",")]

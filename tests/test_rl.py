@@ -3,6 +3,7 @@ losses, rollouts reproducible for a seed, a tiny run that raises a rule reward, 
 
 import json
 import sys
+from dataclasses import replace
 import types
 
 import pytest
@@ -72,9 +73,8 @@ def test_estimates_are_row_invariant_and_elbo_varies_less_than_one_level(tiny):
             torch.testing.assert_close(part, whole[1:], rtol=1e-4, atol=1e-4)
 
         def spread(draws):
-            reps = [L.sequence_logp(L.elbo(model, L.Completions(*[x for x in (batch.input_ids, batch.attention_mask,
-                    batch.prompt_len, batch.canvas, None)], batch.seeds + 1000 * j), obj, v, None, draws), batch.free)
-                    for j in range(8)]
+            reps = [L.sequence_logp(L.elbo(model, replace(batch, seeds=batch.seeds + 1000 * j), obj, v, None, draws),
+                                    batch.free) for j in range(8)]
             return torch.stack(reps).var(0).mean()
 
         assert spread(4) < spread(1)

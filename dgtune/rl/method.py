@@ -23,7 +23,7 @@ the deadline fall on block boundaries, so a resumed run redraws exactly the roll
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import OmegaConf
@@ -118,7 +118,7 @@ class RL:
         self.obj_cfg = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
         self.vocab, self.mask_id = vocab_size(model), tokenizer.mask_token_id
         scfg = sampler_config(cfg, tokenizer)
-        self.sampler = type(scfg)(**{**scfg.__dict__, "max_steps": int(m.rollout_steps)})
+        self.sampler = replace(scfg, max_steps=int(m.rollout_steps))
         self.variance_every = int(m.variance_every)
         self.log_kl = bool(m.log_kl) or self.beta > 0
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -138,8 +138,7 @@ class RL:
         numbers, and bf16 autocast rounded a young adapter's whole effect away (estimates with and without it
         were equal to the bit on the tiny model)."""
         if seed_offset:
-            batch = Completions(batch.input_ids, batch.attention_mask, batch.prompt_len, batch.canvas, batch.keep,
-                                batch.seeds + seed_offset)
+            batch = replace(batch, seeds=batch.seeds + seed_offset)
         with torch.autocast(batch.canvas.device.type, enabled=False):
             return ESTIMATORS[self.estimator](model, batch, self.obj_cfg, self.vocab, self.mask_id, self.draws,
                                               self.prompt_noise)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -67,8 +68,7 @@ def main(argv=None) -> None:
         reps, t0 = [], time.perf_counter()
         with torch.no_grad():
             for j in range(args.repeats):
-                b = ro.batch
-                b = type(b)(b.input_ids, b.attention_mask, b.prompt_len, b.canvas, b.keep, b.seeds + 1_000_003 * j)
+                b = replace(ro.batch, seeds=ro.batch.seeds + 1_000_003 * j)
                 reps.append(sequence_logp(ESTIMATORS[name](model, b, obj, v, mask_id, draws, float(cfg.method.prompt_noise)
                                                            if name == "one_pass" else 0.0), b.free))
         sec = (time.perf_counter() - t0) / args.repeats

@@ -28,13 +28,14 @@ from dataclasses import dataclass, replace
 import torch
 from omegaconf import OmegaConf
 
-from dgtune.data import batch_indices, prompt_ids, row_prompt
+from dgtune.data import batch_indices
 from dgtune.diffusion.model_calls import vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.errors import ConfigError
+from dgtune.eval.runner import group_by_prompt_length
 from dgtune.methods import register_method
 from dgtune.rl.likelihood import ESTIMATORS, Completions, sequence_logp
-from dgtune.rl.objectives import group_advantages, grpo_loss, wd1_loss
+from dgtune.rl.objectives import group_advantages, grpo_loss, k3_kl, masked_mean, wd1_loss
 from dgtune.rl.rewards import Rewarder
 from dgtune.sampling.config import pad_after_eos, sampler_config
 from dgtune.sampling.sampler import sample
@@ -76,9 +77,8 @@ class PolicyLoss(torch.nn.Module):
         else:
             loss = wd1_loss(sequence_logp(logp, free), ro.advantages, m.group_size, m.psi)
             stats = {}
-            if ro.ref_logp is not None:
-                diff = (ro.ref_logp - logp).detach()
-                stats["kl"] = ((torch.exp(diff) - diff - 1) * free).sum() / free.sum().clamp(min=1)
+            if ro.ref_logp is not None:  # reduced as grpo_loss reduces it
+                stats["kl"] = masked_mean(k3_kl(logp.detach(), ro.ref_logp), free).mean()
         device = logp.device
         out = {"loss": loss, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
                "rollout_solved": ro.solved.mean().to(device),
@@ -157,16 +157,17 @@ class RL:
                 for p, s in zip(self.trainable, saved):
                     p.copy_(s)
 
-    def _rollouts(self, block: int, device, rows: slice | None) -> Rollouts:
-        """Draw, grade and score this process' rows of block `block` (module docstring, steps 1-3)."""
+    def _rollouts(self, block: int, device, rows: slice | None, seed_offset: int = 0) -> Rollouts:
+        """Draw, grade and score this process' rows of block `block` (module docstring, steps 1-3); `seed_offset`
+        shifts the rows' sampler seeds (fresh draws of the same prompts, for `eval/analysis/rl_direction.py`)."""
         cfg, tok, task = self.cfg, self.tokenizer, self.task
         P = self.global_batch // self.group_size
         picked = batch_indices(len(self.prompts), P, block, cfg.seed)  # [P] prompt indices of this block
         global_rows = [self.prompts[i] for i in picked for _ in range(self.group_size)]  # [P G]
         lo, hi = (rows.start, rows.stop) if rows is not None else (0, len(global_rows))
         mine = global_rows[lo:hi]
-        seeds = torch.arange(lo, hi, dtype=torch.long) + cfg.seed * 1_000_003 + block * 100_003 + 7
-        ids = [prompt_ids(tok, row_prompt(r)) for r in mine]
+        seeds = torch.arange(lo, hi, dtype=torch.long) + cfg.seed * 1_000_003 + block * 100_003 + 7 + seed_offset
+        groups = group_by_prompt_length(tok, mine)  # [(row indices, prompt ids [n, p])], equal lengths per call
         eos, pad = tok.eos_token_id, tok.pad_token_id
         template = task.template_tensor(tok, mine) if getattr(task, "use_template", False) else None  # [b, l]
         guided = bool(cfg.method.get("guided"))
@@ -174,11 +175,8 @@ class RL:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            by_len: dict[int, list[int]] = {}
-            for i, x in enumerate(ids):
-                by_len.setdefault(len(x), []).append(i)
-            for _, idx in sorted(by_len.items()):  # equal-length prompts per call
-                res = sample(self.model, torch.tensor([ids[i] for i in idx], device=device), self.sampler,
+            for idx, prompts in groups:
+                res = sample(self.model, prompts.to(device), self.sampler,
                              torch.Generator(device=device).manual_seed(block), eos, pad, task.canvas_length,
                              row_seeds=seeds[idx].to(device),
                              template=None if template is None else template[idx].to(device),
@@ -190,11 +188,11 @@ class RL:
         solved = torch.tensor([float(g.get("solved") or 0.0) for _, g in scored])
         adv, flat = group_advantages(rewards, self.group_size, bool(cfg.method.normalise_advantages))
         canvas = pad_after_eos(canvas, eos, eos)  # the SFT canvas form: EOS-filled after the first EOS
-        s = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), s), pad, dtype=torch.long)
-        attention = torch.zeros(len(ids), s, dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)], attention[i, : len(x)] = torch.tensor(x), 1
+        s = max(prompts.shape[1] for _, prompts in groups)
+        input_ids = torch.full((len(mine), s), pad, dtype=torch.long)  # right-padded prompts
+        attention = torch.zeros(len(mine), s, dtype=torch.long)
+        for idx, prompts in groups:
+            input_ids[idx, : prompts.shape[1]], attention[idx, : prompts.shape[1]] = prompts, 1
         batch = Completions(input_ids.to(device), attention.to(device), attention.sum(-1).to(device),
                             canvas.to(device), None if template is None else (template >= 0).to(device),
                             seeds.to(device))

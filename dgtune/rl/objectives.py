@@ -39,6 +39,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
 
 
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position k3 estimate of KL(pi || pi_ref), exp(ref - logp) - (ref - logp) - 1 >= 0 ([b, l] from [b, l])."""
+    diff = ref_logp - logp
+    return torch.exp(diff) - diff - 1
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
               free: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
     """GRPO's clipped surrogate plus beta x KL (module docstring). logp / old_logp / ref_logp [b, l] per-position
@@ -49,8 +55,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     per_pos = -surrogate
     kl = None
     if ref_logp is not None:
-        diff = ref_logp - logp
-        kl = torch.exp(diff) - diff - 1  # [b, l] k3 estimator, >= 0
+        kl = k3_kl(logp, ref_logp)  # [b, l]
         if beta > 0:
             per_pos = per_pos + beta * kl
     loss = masked_mean(per_pos, free).mean()

@@ -35,9 +35,9 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    import dgtune.rl.method as rl_method
     from dgtune.data import splits_for
     from dgtune.eval.runs import compose_run, load_run
+    from dgtune.rl.method import RL
     from dgtune.tasks import build_task
 
     torch.manual_seed(0)
@@ -51,23 +51,13 @@ def main(argv=None) -> None:
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
-    method = rl_method.RL(cfg, task, splits_for(task, cfg), model, tok, 1)
+    method = RL(cfg, task, splits_for(task, cfg), model, tok, 1)
     cpu = torch.device("cpu")
     block = method._rollouts(0, cpu, None)
 
     def fresh(k: int) -> tuple[float, float]:
         """Rollouts of the same prompts with the rows' sampler seeds shifted by k."""
-        real = rl_method.torch.arange
-
-        def shifted(*a, **kw):
-            out = real(*a, **kw)
-            return out + 10_000 * k if kw.get("dtype") == torch.long else out
-
-        rl_method.torch.arange = shifted
-        try:
-            ro = method._rollouts(0, cpu, None)
-        finally:
-            rl_method.torch.arange = real
+        ro = method._rollouts(0, cpu, None, seed_offset=10_000 * k)
         return float(ro.rewards.mean()), float(ro.solved.mean())
 
     model.eval()

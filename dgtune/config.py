@@ -34,12 +34,16 @@ def register_configs() -> list[str]:
     """Register in Hydra's ConfigStore what is not a file under `configs/`: the schemas of the `sampler` and
     `objective` groups (`sampler/base` = `SamplerConfig`, `objective/base` = `ObjectiveConfig`, which each of their
     YAMLs starts from: defaults in one place, a mistyped key or a value of the wrong type an error at compose time)
-    and every `recipes/*.yaml` as option `recipe=<stem>` (package _global_). Returns the recipe names."""
+    and every `recipes/*.yaml` as option `recipe=<stem>` (package _global_); also the OmegaConf resolvers of the
+    sweeper configs (`dgtune.sweep.register_resolvers`). Returns the recipe names."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from dgtune.diffusion.objective import ObjectiveConfig
     from dgtune.sampling.config import SamplerConfig
+    from dgtune.sweep import register_resolvers
+
+    register_resolvers()
 
     cs = ConfigStore.instance()
     cs.store(group="sampler", name="base", node=SamplerConfig)

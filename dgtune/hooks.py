@@ -141,10 +141,19 @@ def finish(run: Run, step: int, loss: float | None, t_start: float, evaluated: b
         run.tracker.log({"train/minutes": summary["train_minutes"]}, step)
         if cfg.eval.at_end:
             from dgtune.eval.runner import run_report
+            from dgtune.sweep import validation_objective
 
+            # what sweepers optimise: a validation figure (dgtune/sweep.py), never the test split's
+            objective = summary["objective"] = validation_objective(run.model, run.tokenizer, run.task,
+                                                                    run.splits["val"], cfg)
+            write_json(run.run_dir / "objective.json", objective)
+            run.tracker.log({"sweep/objective": objective["value"]}, step)
+            run.accelerator.print(f"[dgtune] objective: {objective['metric']}={objective['value']:.4f} "
+                                  f"({objective['n']} validation rows)")
             summary["report"] = run_report(run.model, run.tokenizer, run.task, run.splits, cfg, run.run_dir, run.tracker,
                                            meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step,
-                                                 "train_precision": precision, "train_environment": run.env})
+                                                 "train_precision": precision, "train_environment": run.env,
+                                                 "objective": objective})
         run.tracker.finish()
     run.accelerator.wait_for_everyone()
     report = summary.get("report")

@@ -74,9 +74,12 @@ def _hydra_job_num():
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
-    """The W&B group: `logger.group`, or one name shared by the runs of a Hydra sweep (`-m`)."""
+    """The W&B group: `logger.group`, the W&B sweep's id under `wandb agent` (`sweep-<id>`), or one name shared by
+    the runs of a Hydra sweep (`-m`)."""
     if cfg.logger.get("group"):
         return cfg.logger.group
+    if os.environ.get("WANDB_SWEEP_ID"):
+        return f"sweep-{os.environ['WANDB_SWEEP_ID']}"
     try:
         from hydra.core.hydra_config import HydraConfig
 

@@ -32,6 +32,7 @@ from dgtune.models.load import load_model
 from dgtune.methods import method_class, method_name
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir
 from dgtune.runtime import accelerator_session, resolve_precision
+from dgtune.sweep import objective_spec
 from dgtune.tasks import build_task
 from dgtune.validate import CheckpointError, check_config, check_inputs, cli_errors, quiet_third_party
 from dgtune.warm_start import check_init_from, load_init
@@ -87,6 +88,7 @@ def train(cfg: DictConfig) -> dict:
     Before any folder is created the config is checked (`dgtune.validate.check_config`) and the inputs are read
     (test file, model folder); the run folder is then locked (`<run_dir>/.dgtune.lock`) while training runs."""
     check_config(cfg)
+    objective_spec(cfg)  # a bad sweep.metric fails now, not after training
     quiet_third_party()
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -246,9 +248,11 @@ def main() -> None:
     register_configs()
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-    def _run(cfg: DictConfig) -> None:
+    def _run(cfg: DictConfig) -> float | None:
         with cli_errors():
-            train(cfg)
+            summary = train(cfg)
+        objective = summary.get("objective")
+        return None if objective is None else objective["value"]  # what a Hydra sweeper (Optuna) optimises
 
     _run()
 

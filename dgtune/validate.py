@@ -126,6 +126,7 @@ RULES = {
     "sampler.mode": _choice("reference", "fast"),
     "sampler.noise": _choice("uniform", "mask"),
     "sampler.commit": _choice("sample", "argmax"),
+    "sampler.last_step": _choice("argmax", "sample"),
     "sampler.prediction": _choice("denoiser", "mean_loo"),
     "sampler.decoder": _choice("auto", "fused", "transformers"),
     "sampler.decoder_dtype": _choice("auto", "fast", "float32", "bfloat16"),

@@ -80,6 +80,86 @@ def test_estimates_are_row_invariant_and_elbo_varies_less_than_one_level(tiny):
         assert spread(4) < spread(1)
 
 
+@pytest.mark.parametrize("strategy", ["entropy_bound", "topk_confidence"])
+def test_trajectory_estimate_replays_the_samplers_draws(tiny, strategy):
+    """The fast sampler's trace, replayed through plain `model.forward()` calls (each step's canvas, the previous
+    step's logits / temperature as self-conditioning): the trajectory estimate is log_softmax(logits / T) at the
+    drawn tokens; the replayed logits reproduce the sampler's decisions (entropy_bound's acceptance, top-k's
+    commits); each kept draw is in the next step's canvas; with last_step=sample the output is the last draws."""
+    from dgtune.sampling.config import SamplerConfig
+    from dgtune.sampling.sampler import sample
+    from dgtune.sampling.stats import step_stats
+    from dgtune.sampling.strategies import entropy_bound_accept
+
+    model, tok = tiny
+    b, p, l, steps = 4, 9, 24, 3
+    prompts = torch.randint(7, 40, (b, p), generator=torch.Generator().manual_seed(3))
+    cfg = SamplerConfig(strategy=strategy, max_steps=steps, entropy_bound=3.0, last_step="sample")
+    trace = []
+    res = sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, l, row_seeds=torch.arange(b) + 5,
+                 trace=trace)
+    tr = L.Trace.from_steps([(torch.arange(b), trace)], b, l, cfg, None)
+    batch = L.Completions(prompts, torch.ones(b, p, dtype=torch.long), torch.full((b,), p), res.tokens[:, :l], None,
+                          torch.arange(b), tr)
+    with torch.no_grad():
+        got = L.trajectory(model, batch, ObjectiveConfig(), model.config.text_config.vocab_size, None)  # [b, k l]
+    assert got.shape == (b, steps * l) and len(trace) == steps
+    drawn = L.counted(batch, "trajectory").view(b, steps, l)
+    sc, committed = None, torch.zeros(b, l, dtype=torch.bool)
+    for j in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=prompts, decoder_input_ids=tr.canvas[j], self_conditioning_logits=sc).logits.float()
+        scaled = logits / tr.temperatures[j]
+        want = F.log_softmax(scaled, -1).gather(-1, tr.tokens[j][..., None]).squeeze(-1)
+        torch.testing.assert_close(got.view(b, steps, l)[:, j][drawn[:, j]], want[drawn[:, j]], rtol=1e-4, atol=1e-4)
+        st = step_stats(scaled.view(b * l, -1), torch.tensor(1.0), backend="torch")
+        if j < steps - 1:
+            if strategy == "entropy_bound":
+                assert torch.equal(drawn[:, j], entropy_bound_accept(st.entropy.view(b, l), cfg.entropy_bound))
+            else:  # k = ceil(free / steps left) most confident free positions
+                k = (l - committed.sum(-1) + steps - j - 1) // (steps - j)
+                assert torch.equal(drawn[:, j].sum(-1), k)
+                conf = st.max_prob.view(b, l).masked_fill(committed, -1.0)
+                assert (conf.masked_fill(~drawn[:, j], 2.0).min(-1).values
+                        >= conf.masked_fill(drawn[:, j] | committed, -1.0).max(-1).values - 1e-5).all()
+            assert torch.equal(tr.canvas[j + 1][drawn[:, j]], tr.tokens[j][drawn[:, j]])
+        committed |= drawn[:, j]
+        sc = scaled
+    last = tr.tokens[-1] if strategy == "entropy_bound" else torch.where(drawn[:, -1], tr.tokens[-1], tr.canvas[-1])
+    from dgtune.sampling.config import pad_after_eos
+
+    assert torch.equal(res.tokens[:, :l], pad_after_eos(last, tok.eos_token_id, tok.pad_token_id))
+    assert drawn[:, -1].all() if strategy == "entropy_bound" else committed.all()
+
+
+def test_tree_rollouts_share_their_first_steps_and_score_each_step():
+    """Tree rollouts: leaves of a node share the draws before the branch step and draw their own from it on; the
+    advantages of the draws before it are the node's value against the group, after it the leaf's against its node."""
+    from dgtune.models.tiny import build_tiny_model
+    from dgtune.rl.objectives import tree_advantages
+    from dgtune.sampling.config import SamplerConfig
+    from dgtune.sampling.sampler import sample
+
+    model, tok = build_tiny_model(seed=0, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, canvas_length=24)
+    prompts = torch.randint(7, 40, (1, 9), generator=torch.Generator().manual_seed(3)).expand(4, 9)
+    cfg = SamplerConfig(max_steps=2, entropy_bound=3.0, last_step="sample")
+    trace = []
+    with torch.no_grad():
+        sample(model, prompts, cfg, None, tok.eos_token_id, tok.pad_token_id, 24, row_seeds=torch.tensor([5, 5, 6, 6]),
+               trace=trace, branch=(1, torch.tensor([1, 2, 3, 4])))
+    c1, last = trace[1].canvas, trace[1].tokens  # [4, l] the step-1 input canvas, the last step's draws
+    assert torch.equal(c1[0], c1[1]) and torch.equal(c1[2], c1[3]) and not torch.equal(c1[0], c1[2])
+    assert not torch.equal(last[0], last[1]) and not torch.equal(last[2], last[3])
+
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # 2 groups of 2 nodes x 2 leaves; the 2nd is flat
+    prefix, leaf = tree_advantages(r, 4, 2, normalise=False)
+    torch.testing.assert_close(prefix, torch.tensor([-0.25, -0.25, 0.25, 0.25, 0, 0, 0, 0]))
+    torch.testing.assert_close(leaf, torch.tensor([0.5, -0.5, 0.0, 0.0, 0, 0, 0, 0]))
+    prefix_n, _ = tree_advantages(r, 4, 2)
+    torch.testing.assert_close(prefix_n[:4], prefix[:4] / (r[:4].std(unbiased=False) + 1e-6))
+
+
 def test_group_advantages_hand_made():
     adv, flat = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), 4)
     torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), rtol=1e-4, atol=1e-4)
@@ -124,14 +204,17 @@ def _metrics(run_dir):
 
 
 @pytest.mark.trains
-def test_rl_raises_a_rule_reward_deterministically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting", [[], ["method.estimator=trajectory", "method.last_step=sample", "method.branches=2"]],
+                         ids=["one_pass", "trajectory_tree"])
+def test_rl_raises_a_rule_reward_deterministically(tmp_path, monkeypatch, setting):
     """From the bundled base, reward = the share of the answer's characters that are "1" (a rule the base does not
     follow: 0.11 at first): the rollouts' mean reward over the last 4 of 12 steps is well above the first 4, and a
-    second run with the same seed logs the same rewards."""
+    second run with the same seed logs the same rewards (d1's one-pass estimate; the sampler's own trajectory with
+    tree rollouts)."""
     from dgtune.train import train
 
     fn = _reward_module(monkeypatch)
-    over = [f"method.reward_fn={fn}", "trainer.max_steps=12"]
+    over = [f"method.reward_fn={fn}", "trainer.max_steps=12", *setting]
     train(_rl_cfg(tmp_path, "a", *over))
     rewards = [m["train/reward"] for m in _metrics(tmp_path / "a")]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3, rewards
@@ -164,6 +247,41 @@ def test_rl_rollouts_are_reproducible_and_resume_is_exact(tmp_path, monkeypatch)
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
     full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
     assert [m["train/reward"] for m in full[2:]] == [m["train/reward"] for m in resumed if m["step"] > 2]
+
+
+def test_flat_groups_skipped_leave_the_loss_and_its_gradient_unchanged(tmp_path):
+    """`method.skip_flat_groups`: the loss pass reads only the groups with reward variance, scaled by their share of
+    the rows; loss and gradient equal those over every row (whose flat groups' terms are 0)."""
+    import itertools
+
+    from dgtune.data import splits_for
+    from dgtune.models.tiny import build_tiny_model
+    from dgtune.rl.method import RL as Method
+    from dgtune.tasks import build_task
+
+    cfg = compose([*BASE, *RL, "trainer.batch_size=32", "method.log_kl=false", "method.estimator=trajectory",
+                   "method.last_step=sample", f"data_dir={tmp_path}"])
+    task = build_task(cfg.task)
+    model, tok = build_tiny_model(seed=0, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, canvas_length=task.canvas_length)
+    method = Method(cfg, task, splits_for(task, cfg), model, tok, 1)
+    results = []
+    for skip in (True, False):
+        count = itertools.count()
+        # groups 0 and 2 all 1s (flat), groups 1 and 3 alternate 0 / 1
+        method.rewarder = lambda row, text: (lambda i: (1.0 if (i // 8) % 2 == 0 else float(i % 2), {}))(next(count))
+        method.skip_flat = skip
+        ro = method._rollouts(0, torch.device("cpu"), None)
+        model.zero_grad()
+        out = method.module(ro)
+        out["loss"].backward()
+        results.append((ro, out["loss"].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (ro_s, loss_s, g_s), (ro_a, loss_a, g_a) = results
+    assert ro_s.batch.canvas.shape[0] == 16 and ro_a.batch.canvas.shape[0] == 32 and ro_s.flat_groups == 2
+    torch.testing.assert_close(loss_s, loss_a, rtol=1e-5, atol=1e-7)
+    assert len(g_s) == len(g_a) > 0
+    for a, b in zip(g_s, g_a):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_init_from_is_checked_before_any_work(tmp_path):

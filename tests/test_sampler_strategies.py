@@ -28,10 +28,10 @@ def _record(monkeypatch):
     calls = []
 
     def wrapped(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id, guide=None):
-        nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, steps_left, keys, vocab_size, mask_id,
-                                                 guide)
+        nxt, com, out, drawn = strategies.strategy_step(cfg, st, canvas, committed, steps_left, keys, vocab_size,
+                                                        mask_id, guide)
         calls.append((canvas.clone(), committed.clone(), steps_left, nxt.clone(), com.clone(), out.clone()))
-        return nxt, com, out
+        return nxt, com, out, drawn
 
     monkeypatch.setattr(fast, "strategy_step", wrapped)
     return calls
@@ -91,11 +91,11 @@ def test_threshold_commits_confident_positions():
     st = strategies_stats(p)
     keys = {"renoise": torch.zeros(1, 4, dtype=torch.long), "score": torch.zeros(1, 4, dtype=torch.long)}
     canvas = torch.tensor([[9, 9, 9, 5]])
-    nxt, com, out = strategies.strategy_step(cfg, st, canvas, committed, 3, keys, 60, MASK_ID)
+    nxt, com, out, _ = strategies.strategy_step(cfg, st, canvas, committed, 3, keys, 60, MASK_ID)
     assert com.tolist() == [[True, False, True, True]]
     assert nxt.tolist() == [[11, MASK_ID, 11, 5]] and out.tolist() == [[11, 22, 11, 5]]
     p_low = torch.tensor([[0.1, 0.3, 0.2, 0.95]])
-    _, com, _ = strategies.strategy_step(cfg, strategies_stats(p_low), canvas, committed, 3, keys, 60, MASK_ID)
+    _, com, _, _ = strategies.strategy_step(cfg, strategies_stats(p_low), canvas, committed, 3, keys, 60, MASK_ID)
     assert com.tolist() == [[False, True, False, True]]  # none above tau: the most confident free one
 
 

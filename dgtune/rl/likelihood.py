@@ -21,7 +21,16 @@ the current, old and reference policies are compared on the same noise (coupled 
   positions, 0 on the others, so E_t[.] is the MDLM bound per position). Stratifying the levels removes most of the
   variance that K independent levels would have.
 
-No self-conditioning pass: each estimate is the decoder's first pass (as the first sampling step).
+No self-conditioning pass in these two: each estimate is the decoder's first pass (as the first sampling step).
+
+- `trajectory` (the sampler's own policy, as TraceRL, arXiv 2509.06949, scores the decoding trace): the rollout's
+  sampler records each step's input canvas c_k, temperature T_k and the draws it kept (`Trace`, from the fast
+  sampler's `TraceStep`s); the estimate replays the steps with gradient, self-conditioning included, and returns
+  logp_{k,i} = log softmax(f_theta(c_k, q) / T_k)_{x_{k,i}} at the kept draws, so sum_{k,i} logp_{k,i} is the exact
+  log-probability of those draws under the current weights. Its gradient is the policy gradient of the sampler
+  *at the step count and temperatures of the rollouts* (the choice of which draws to keep, e.g. entropy_bound's
+  acceptance, is treated as given). With `sampler.last_step=argmax` the output of the last step is not a draw and
+  counts nothing; `method=rl` rolls out with `last_step=sample`. No noise of its own: `draws` is not used.
 """
 
 from __future__ import annotations
@@ -31,11 +40,60 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dgtune.diffusion.model_calls import decode_hidden, decoder_context, encode, lm_logits, training_cache
+from dgtune.diffusion.model_calls import (decode_hidden, decoder_context, embedding_dtype, encode, lm_logits,
+                                         training_cache)
 from dgtune.diffusion.objective import loo_to_denoiser_logits
 from dgtune.sampling import rng
 
 NOISE_DRAW, TOKEN_DRAW, LEVEL_DRAW, PROMPT_DRAW, PROMPT_TOKEN_DRAW = 11, 12, 13, 14, 15  # rng purposes
+
+
+@dataclass
+class Trace:
+    """The fast sampler's steps of a batch of completions (`from_steps`), as the `trajectory` estimator replays them.
+
+    canvas / tokens / drawn [k, b, l]: each step's input canvas, drawn tokens and kept draws (False for rows that
+    had stopped); temperatures [k]; noise_level [k, b] (prediction="mean_loo") or None; mask_id: the sampler's [MASK]
+    (never predicted) or None; self_conditioning: each step read the previous step's logits / temperature."""
+
+    canvas: torch.Tensor
+    tokens: torch.Tensor
+    drawn: torch.Tensor
+    temperatures: list
+    noise_level: torch.Tensor | None
+    mask_id: int | None
+    self_conditioning: bool
+
+    @classmethod
+    def from_steps(cls, parts: list, b: int, l: int, cfg, mask_id: int | None) -> "Trace":
+        """One Trace of b rows from `parts`: (row indices [n] of the batch, that call's `TraceStep` list), one per
+        sampler call (prompts are sampled in groups of equal length); every call ran the same steps' schedule."""
+        k = max(len(steps) for _, steps in parts)
+        canvas = torch.zeros(k, b, l, dtype=torch.long)
+        tokens = torch.zeros(k, b, l, dtype=torch.long)
+        drawn = torch.zeros(k, b, l, dtype=torch.bool)
+        level = torch.ones(k, b) if cfg.prediction == "mean_loo" else None
+        temps = [1.0] * k
+        for idx, steps in parts:
+            for j, st in enumerate(steps):
+                rows = idx[st.rows.cpu()]  # the batch's rows this step ran on
+                canvas[j, rows], tokens[j, rows], drawn[j, rows] = st.canvas.cpu(), st.tokens.cpu(), st.drawn.cpu()
+                temps[j] = st.temperature
+                if level is not None:
+                    level[j, rows] = st.noise_level.float().cpu()
+        return cls(canvas, tokens, drawn, temps, level, mask_id, bool(cfg.self_conditioning))
+
+    def to(self, device) -> "Trace":
+        """The trace's tensors on `device`."""
+        return Trace(self.canvas.to(device), self.tokens.to(device), self.drawn.to(device), self.temperatures,
+                     None if self.noise_level is None else self.noise_level.to(device), self.mask_id,
+                     self.self_conditioning)
+
+    def rows(self, idx) -> "Trace":
+        """The rows `idx` of every step."""
+        return Trace(self.canvas[:, idx], self.tokens[:, idx], self.drawn[:, idx], self.temperatures,
+                     None if self.noise_level is None else self.noise_level[:, idx], self.mask_id,
+                     self.self_conditioning)
 
 
 @dataclass
@@ -44,7 +102,8 @@ class Completions:
 
     input_ids / attention_mask [b, s]: the prompts, right-padded; prompt_len [b]; canvas [b, l]: the completion
     (EOS-filled); keep [b, l] bool or None: canvas-template positions (given, never noised, not counted); seeds [b]:
-    one integer per row, the base of every draw an estimate makes for it."""
+    one integer per row, the base of every draw an estimate makes for it; trace: the sampler's steps that drew them
+    (the `trajectory` estimator) or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -52,12 +111,14 @@ class Completions:
     canvas: torch.Tensor
     keep: torch.Tensor | None
     seeds: torch.Tensor
+    trace: Trace | None = None
 
     def rows(self, idx) -> "Completions":
         """The completions `idx` (a slice or an index tensor)."""
         pick = (lambda x: None if x is None else x[idx])
         return Completions(*(pick(x) for x in (self.input_ids, self.attention_mask, self.prompt_len, self.canvas,
-                                               self.keep, self.seeds)))
+                                               self.keep, self.seeds)),
+                           None if self.trace is None else self.trace.rows(idx))
 
     @property
     def free(self) -> torch.Tensor:
@@ -138,7 +199,42 @@ def elbo(model, batch: Completions, objective, vocab_size: int, mask_id: int | N
     return total / draws
 
 
-ESTIMATORS = {"one_pass": one_pass, "elbo": elbo}  # method.estimator -> estimator
+def trajectory(model, batch: Completions, objective, vocab_size: int, mask_id: int | None, draws: int = 1,
+               prompt_noise: float = 0.0) -> torch.Tensor:
+    """The sampler's own log-probabilities of its kept draws (module docstring): [b, k * l], step after step,
+    meaningful where `counted(batch, "trajectory")` is True (the objective, `draws` and `prompt_noise` are not used:
+    the trace fixes the canvases)."""
+    tr = batch.trace
+    if tr is None:
+        raise ValueError("the trajectory estimator needs the sampler's trace of the completions (Completions.trace)")
+    k, b, l = tr.canvas.shape
+    cache, _ = encode(model, batch.input_ids, batch.attention_mask, cache=training_cache(model))
+    cache, mask = decoder_context(model, cache, batch.prompt_len, l)
+    pos = batch.prompt_len[:, None] + torch.arange(l, device=tr.canvas.device)[None, :]  # [b, l]
+    sc, out = None, []
+    for j in range(k):
+        logits = lm_logits(model, decode_hidden(model, tr.canvas[j], cache, self_conditioning_logits=sc,
+                                                decoder_attention_mask=mask, decoder_position_ids=pos))  # [b, l, v]
+        if tr.mask_id is not None:
+            logits = logits.index_fill(-1, torch.tensor([tr.mask_id], device=logits.device), float("-inf"))
+        if tr.noise_level is not None:
+            logits = loo_to_denoiser_logits(logits, tr.canvas[j], tr.noise_level[j])
+        scaled = logits / tr.temperatures[j]  # [b, l, v] the distribution the step drew from
+        out.append(-F.cross_entropy(scaled.flatten(0, 1), tr.tokens[j].flatten(), reduction="none").view(b, l))
+        if tr.self_conditioning:
+            sc = scaled.detach().to(embedding_dtype(model))
+    return torch.cat(out, 1)  # [b, k * l]
+
+
+ESTIMATORS = {"one_pass": one_pass, "elbo": elbo, "trajectory": trajectory}  # method.estimator -> estimator
+
+
+def counted(batch: Completions, estimator: str) -> torch.Tensor:
+    """[b, n] the positions of `estimator`'s output that count: the kept draws of every step for `trajectory`
+    ([b, k * l], step after step), the free canvas positions for the others ([b, l])."""
+    if estimator == "trajectory":
+        return batch.trace.drawn.transpose(0, 1).flatten(1)
+    return batch.free
 
 
 def sequence_logp(token_logp: torch.Tensor, free: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,8 @@ from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.errors import ConfigError
 from dgtune.eval.runner import group_by_prompt_length
 from dgtune.methods import register_method
-from dgtune.rl.likelihood import ESTIMATORS, Completions, sequence_logp
-from dgtune.rl.objectives import group_advantages, grpo_loss, k3_kl, masked_mean, wd1_loss
+from dgtune.rl.likelihood import ESTIMATORS, Completions, Trace, counted, sequence_logp
+from dgtune.rl.objectives import group_advantages, grpo_loss, k3_kl, masked_mean, tree_advantages, wd1_loss
 from dgtune.rl.rewards import Rewarder
 from dgtune.sampling.config import pad_after_eos, sampler_config
 from dgtune.sampling.sampler import sample
@@ -47,13 +47,14 @@ OBJECTIVES = ("grpo", "wd1")
 class Rollouts:
     """One block's completions of this process' rows and what the loss needs of them."""
 
-    batch: Completions
-    rewards: torch.Tensor  # [b]
-    advantages: torch.Tensor  # [b]
+    batch: Completions  # the rows the loss reads (`method.skip_flat_groups`: those of groups with reward variance)
+    rewards: torch.Tensor  # [b] every row's
+    advantages: torch.Tensor  # [b'] the loss rows' ([b', n] per step and position with tree rollouts)
+    scale: float  # loss rows / all rows: the loss is the mean over all b rows, flat groups' terms being 0
     solved: torch.Tensor  # [b]
     flat_groups: int  # groups of this process with no reward variance
-    old_logp: torch.Tensor | None  # [b, l] (mu > 1)
-    ref_logp: torch.Tensor | None  # [b, l] (beta > 0 or log_kl)
+    old_logp: torch.Tensor | None  # [b', n] (mu > 1)
+    ref_logp: torch.Tensor | None  # [b', n] (beta > 0 or log_kl)
     est_var: float | None  # mean over rows of the estimator's variance across repeated draws (when measured)
     tokens: int
 
@@ -69,8 +70,8 @@ class PolicyLoss(torch.nn.Module):
     def forward(self, ro: Rollouts) -> dict[str, torch.Tensor]:
         """Loss and statistics of the rollouts `ro` under the current policy."""
         m = self.method
-        logp = m.estimate(self.model, ro.batch)  # [b, l] with gradient
-        free = ro.batch.free
+        logp = m.estimate(self.model, ro.batch)  # [b, n] with gradient
+        free = counted(ro.batch, m.estimator)  # [b, n]
         if m.objective == "grpo":
             old = ro.old_logp if ro.old_logp is not None else logp.detach()
             loss, stats = grpo_loss(logp, old, ro.ref_logp, ro.advantages, free, m.clip_eps, m.beta)
@@ -80,7 +81,7 @@ class PolicyLoss(torch.nn.Module):
             if ro.ref_logp is not None:  # reduced as grpo_loss reduces it
                 stats["kl"] = masked_mean(k3_kl(logp.detach(), ro.ref_logp), free).mean()
         device = logp.device
-        out = {"loss": loss, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
+        out = {"loss": loss * ro.scale, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
                "rollout_solved": ro.solved.mean().to(device),
                "flat_groups": torch.tensor(float(ro.flat_groups), device=device), **stats}
         if ro.est_var is not None:
@@ -99,6 +100,8 @@ class RL:
         self.objective, self.estimator = m.objective, m.estimator
         self.clip_eps, self.beta, self.psi = float(m.clip_eps), float(m.beta), float(m.psi)
         self.draws, self.prompt_noise = int(m.draws), float(m.prompt_noise)
+        # a group whose rewards are all equal has zero advantages: with no KL term its rows add nothing to the loss
+        self.skip_flat = bool(m.get("skip_flat_groups", False)) and self.beta == 0
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"method.objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.estimator not in ESTIMATORS:
@@ -118,7 +121,17 @@ class RL:
         self.obj_cfg = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
         self.vocab, self.mask_id = vocab_size(model), tokenizer.mask_token_id
         scfg = sampler_config(cfg, tokenizer)
-        self.sampler = replace(scfg, max_steps=int(m.rollout_steps))
+        # older runs' configs lack last_step: their rollouts output the argmax canvas
+        self.sampler = replace(scfg, max_steps=int(m.rollout_steps), last_step=m.get("last_step", "argmax"))
+        self.guided = bool(m.get("guided"))
+        self.branches = int(m.get("branches", 1))  # leaves per node of a tree rollout (1: independent rollouts)
+        self.branch_step = int(m.get("branch_step", -1)) % self.sampler.max_steps  # the step whose draws branch
+        if self.estimator == "trajectory":
+            self._check_trajectory()
+        if self.branches > 1 and (self.estimator != "trajectory" or self.objective != "grpo"
+                                  or self.group_size % self.branches):
+            raise ConfigError(f"method.branches={self.branches} (tree rollouts) takes method.estimator=trajectory, "
+                              f"method.objective=grpo and a method.group_size={self.group_size} that it divides")
         self.variance_every = int(m.variance_every)
         self.log_kl = bool(m.log_kl) or self.beta > 0
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -126,6 +139,21 @@ class RL:
         self.trainable, self.reference = trainable, [p.detach().clone() for p in trainable] if self.log_kl else None
         self.module = PolicyLoss(model, self)
         self.block: tuple[int, Rollouts] | None = None
+
+    def _check_trajectory(self) -> None:
+        """The trajectory estimator replays the sampler's draws: refuse the settings whose draws it cannot replay."""
+        sc = self.sampler
+        if self.guided:
+            raise ConfigError("method.estimator=trajectory does not take method.guided=true (the guide masks the "
+                              "logits the draws came from; the replay would score other distributions)")
+        if sc.max_canvases != 1:
+            raise ConfigError(f"method.estimator=trajectory: sampler.max_canvases={sc.max_canvases}, the trace covers "
+                              "one canvas")
+        committing = sc.strategy != "entropy_bound"
+        if (committing and sc.commit != "sample") or (not committing and sc.last_step != "sample" and sc.max_steps == 1):
+            raise ConfigError("method.estimator=trajectory: the rollouts draw no token at random (sampler.commit="
+                              f"{sc.commit}, method.last_step={sc.last_step}, {sc.max_steps} step(s)), so there is "
+                              "no likelihood to score: use sampler.commit=sample / method.last_step=sample")
 
     def describe(self) -> str:
         """What it trains on, for the start-up line."""
@@ -166,27 +194,50 @@ class RL:
         global_rows = [self.prompts[i] for i in picked for _ in range(self.group_size)]  # [P G]
         lo, hi = (rows.start, rows.stop) if rows is not None else (0, len(global_rows))
         mine = global_rows[lo:hi]
-        seeds = torch.arange(lo, hi, dtype=torch.long) + cfg.seed * 1_000_003 + block * 100_003 + 7 + seed_offset
+        row = torch.arange(lo, hi, dtype=torch.long)  # global row indices
+        base = cfg.seed * 1_000_003 + block * 100_003 + 7 + seed_offset
+        seeds = row - row % self.branches + base  # tree rollouts: a node's leaves share its seed ...
+        branch_seeds = row + base + 1_000_000_007  # ... until the branch step, then draw from their own
         groups = group_by_prompt_length(tok, mine)  # [(row indices, prompt ids [n, p])], equal lengths per call
         eos, pad = tok.eos_token_id, tok.pad_token_id
         template = task.template_tensor(tok, mine) if getattr(task, "use_template", False) else None  # [b, l]
-        guided = bool(cfg.method.get("guided"))
+        guided = self.guided
         canvas = torch.empty(len(mine), task.canvas_length, dtype=torch.long)
+        parts = [] if self.estimator == "trajectory" else None  # (row indices, the sampler's steps) per call
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for idx, prompts in groups:
+                steps = None if parts is None else []
                 res = sample(self.model, prompts.to(device), self.sampler,
                              torch.Generator(device=device).manual_seed(block), eos, pad, task.canvas_length,
                              row_seeds=seeds[idx].to(device),
                              template=None if template is None else template[idx].to(device),
-                             guide=task.make_guide(tok, [mine[i] for i in idx]) if guided else None)
+                             guide=task.make_guide(tok, [mine[i] for i in idx]) if guided else None, trace=steps,
+                             branch=(self.branch_step, branch_seeds[idx].to(device)) if self.branches > 1 else None)
                 canvas[idx] = res.tokens[:, : task.canvas_length].cpu()
+                if parts is not None:
+                    parts.append((torch.as_tensor(idx, dtype=torch.long), steps))
         texts = tok.batch_decode(canvas, skip_special_tokens=True)
         scored = [self.rewarder(r, t) for r, t in zip(mine, texts)]
         rewards = torch.tensor([s for s, _ in scored], dtype=torch.float32)
         solved = torch.tensor([float(g.get("solved") or 0.0) for _, g in scored])
         adv, flat = group_advantages(rewards, self.group_size, bool(cfg.method.normalise_advantages))
+        if self.branches > 1:  # per step: the draws before the branch by their node's value, after it by the leaf's
+            prefix, leaf = tree_advantages(rewards, self.group_size, self.branches,
+                                           bool(cfg.method.normalise_advantages))
+            k = max(len(steps) for _, steps in parts)  # the trace's steps
+            before = (torch.arange(k) < self.branch_step).repeat_interleave(task.canvas_length)  # [k l]
+            adv = torch.where(before[None, :], prefix[:, None], leaf[:, None])  # [b, k l]
+        if not bool(cfg.method.get("negatives", True)):  # only the better completions are pulled up
+            adv = adv.clamp(min=0.0)
+        live = torch.arange(len(mine))  # the rows the loss reads
+        if self.skip_flat:
+            varied = rewards.view(-1, self.group_size).std(-1, unbiased=False) >= 1e-6  # as group_advantages
+            live = varied.repeat_interleave(self.group_size).nonzero().squeeze(1)
+        scale = live.numel() / len(mine)
+        if live.numel() == 0:  # no signal in this process' rows: one group with weight 0 (every process runs the model)
+            live = torch.arange(self.group_size)
         canvas = pad_after_eos(canvas, eos, eos)  # the SFT canvas form: EOS-filled after the first EOS
         s = max(prompts.shape[1] for _, prompts in groups)
         input_ids = torch.full((len(mine), s), pad, dtype=torch.long)  # right-padded prompts
@@ -195,7 +246,10 @@ class RL:
             input_ids[idx, : prompts.shape[1]], attention[idx, : prompts.shape[1]] = prompts, 1
         batch = Completions(input_ids.to(device), attention.to(device), attention.sum(-1).to(device),
                             canvas.to(device), None if template is None else (template >= 0).to(device),
-                            seeds.to(device))
+                            seeds.to(device), None if parts is None else
+                            Trace.from_steps(parts, len(mine), task.canvas_length, self.sampler,
+                                             self.sampler.mask_token_id if self.sampler.noise == "mask" else None
+                                             ).to(device)).rows(live.to(device))  # [b'] the rows the loss reads
         old = ref = var = None
         with torch.no_grad():
             if self.mu > 1:
@@ -203,13 +257,14 @@ class RL:
             if self.log_kl:
                 with self.reference_weights():
                     ref = self.estimate(self.model, batch)
-            if self.variance_every and (block + 1) % self.variance_every == 0:  # logged with the step's record
+            if (self.variance_every and (block + 1) % self.variance_every == 0  # logged with the step's record
+                    and self.estimator != "trajectory"):  # (which draws nothing: its variance is 0)
                 reps = torch.stack([sequence_logp(self.estimate(self.model, batch, 1_000_000 * (j + 1)), batch.free)
                                     for j in range(3)])  # [3, b]
                 var = float(reps.var(0).mean())
         if was_training:
             self.model.train()
-        return Rollouts(batch, rewards.to(device), adv.to(device), solved.to(device), flat, old, ref, var,
+        return Rollouts(batch, rewards.to(device), adv[live].to(device), scale, solved.to(device), flat, old, ref, var,
                         int(attention.sum()) + canvas.numel())
 
     def micro_step(self, module, micro_step: int, device, rows: slice | None) -> tuple[dict, int]:

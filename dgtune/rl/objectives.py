@@ -8,6 +8,7 @@
   k3 estimate of KL(pi || pi_ref), exp(ref - logp) - (ref - logp) - 1; averaged over each completion's free
   positions, then over completions. With one update per rollout batch (`method.mu=1`) logp_old = logp (detached),
   r = 1 and the surrogate's gradient is the policy gradient A grad logp.
+- `tree_advantages`: per-step advantages of tree rollouts (nodes that share their first steps, then branch).
 - `wd1_loss` (wd1, arXiv 2507.08838: no ratio, no old policy): the group's completions weighted by
   w+ = softmax(psi A) over the group (pulled up) and w- = softmax(-psi A) (pushed down), loss
   -sum_i (w+_i - w-_i) L_i per group, averaged over groups, where L_i is completion i's sequence estimate.
@@ -33,6 +34,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalise: bool = T
     return adv.view(n), int(flat.sum())
 
 
+def tree_advantages(rewards: torch.Tensor, group_size: int, branches: int, normalise: bool = True,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-level advantages of tree rollouts (d-TreeRPO's idea at one branching step): each group of `group_size`
+    completions of a prompt is group_size / branches nodes that shared the steps before the branch, with `branches`
+    leaves each. Returns (prefix [n], leaf [n]): a node's value (the mean of its leaves' rewards) minus the group's
+    mean, for the draws before the branch, and a leaf's reward minus its node's value, for the draws from the branch
+    on; both divided by the group's reward std when `normalise`; 0 in groups whose rewards are all equal."""
+    n = rewards.shape[0]
+    if n % group_size or group_size % branches:
+        raise ValueError(f"{n} rewards do not split into groups of {group_size} of nodes with {branches} leaves")
+    r = rewards.float().view(-1, group_size // branches, branches)  # [groups, nodes, leaves]
+    node = r.mean(-1, keepdim=True)  # [groups, nodes, 1]
+    mean = r.mean((1, 2), keepdim=True)
+    std = r.flatten(1).std(-1, unbiased=False).view(-1, 1, 1)  # [groups, 1, 1]
+    scale = 1.0 / (std + eps) if normalise else torch.ones_like(std)
+    scale = torch.where(std < eps, torch.zeros_like(std), scale)  # flat groups: no signal
+    prefix = ((node - mean) * scale).expand_as(r)
+    return prefix.reshape(n), ((r - node) * scale).reshape(n)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x [b, l] over mask [b, l] per row [b]."""
     m = mask.float()
@@ -48,9 +69,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
               free: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
     """GRPO's clipped surrogate plus beta x KL (module docstring). logp / old_logp / ref_logp [b, l] per-position
-    estimates (old and ref without gradient), adv [b], free [b, l]. Returns (loss, stats: clip_frac, kl, ratio)."""
+    estimates (old and ref without gradient), adv [b] (or [b, l]: one per position, as tree rollouts give), free
+    [b, l]. Returns (loss, stats: clip_frac, kl, ratio)."""
     ratio = torch.exp(logp - old_logp)  # [b, l]
-    a = adv[:, None]
+    a = adv if adv.dim() == 2 else adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # [b, l]
     per_pos = -surrogate
     kl = None

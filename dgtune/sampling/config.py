@@ -33,6 +33,10 @@ class SamplerConfig:
     mask_token_id: int | None = None  # for noise="mask" (default: the model config's mask_token_id)
     threshold: float = 0.9  # strategy "threshold": commit positions with max-prob > threshold
     commit: str = "sample"  # committed strategies commit the sampled token ("sample") or the argmax ("argmax")
+    # what a non-committing strategy (entropy_bound) outputs when a row stops: the argmax canvas ("argmax", as
+    # generate()) or the sampled one ("sample": every output token a random draw, the stochastic policy RL rollouts
+    # sample from; fast mode)
+    last_step: str = "argmax"
     sync_every: int = 0  # fast mode: retire finished rows every N steps (0: 1 on CPU, 4 on accelerators)
     stats_backend: str = "auto"  # fast mode step statistics: "auto" (Triton on CUDA) | "torch" | "triton"
     decoder: str = "auto"  # fast mode: "fused" (dgtune.sampling.fused_decoder) | "transformers" | "auto" (fused if supported)

@@ -130,6 +130,21 @@ class CanvasJob:
     guide: object = None  # a rule guide (`dgtune.sampling.guide`); its rows index `keys`
     fused: FusedDecoder | None = None  # None: transformers' decoder
     prompt_kv: list | None = None  # the fused decoder's `encode_prompt` output, used instead of `cache`
+    trace: list | None = None  # receives one `TraceStep` per step (RL's trajectory likelihood)
+    branch: tuple | None = None  # (step s, keys [b]): the draws of steps >= s come from these keys (tree rollouts)
+
+
+@dataclass
+class TraceStep:
+    """What one denoising step did, for the trajectory likelihood of `method=rl` (`dgtune.rl.likelihood`): the
+    decoder's input, the temperature and the random draws of the step that the model's output decides."""
+
+    rows: torch.Tensor  # [a] the canvas' rows this step ran on
+    canvas: torch.Tensor  # [a, l] the decoder's input canvas
+    tokens: torch.Tensor  # [a, l] the tokens drawn from softmax(logits / temperature)
+    drawn: torch.Tensor  # [a, l] bool: the draws the step kept (accepted / committed samples, a sampled output)
+    temperature: float
+    noise_level: torch.Tensor | None  # [a] prediction="mean_loo": the t its logits were converted at
 
 
 @dataclass
@@ -176,6 +191,10 @@ def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor
     b, device = job.keys.shape[0], job.keys.device
     positions = torch.arange(job.position_offset, job.position_offset + l, device=device)[None]
     all_step_keys = rng.step_keys(job.keys, job.index, cfg.max_steps)  # [b, steps, purposes]
+    if job.branch is not None:  # rows with the same keys share their first steps, then branch
+        at, branch_keys = job.branch
+        later = rng.step_keys(branch_keys, job.index, cfg.max_steps)  # [b, steps, purposes]
+        all_step_keys = torch.cat([all_step_keys[:, :at], later[:, at:]], 1)
     s = _start(job, cfg, device)
     known = None if template is None else template >= 0  # [b, l]
     # mean_loo: a row's noise level is the share of its free (non-template) positions that are noise, as in training,
@@ -204,6 +223,8 @@ def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor
             free_a = n_free if raw.shape[0] == b else n_free[rows]  # [a]
             t_row = ((~s.kept).sum(-1).float() / free_a.clamp(min=1.0)).clamp(1e-4, 1.0)  # [a] share of free positions that are noise
             raw = loo_to_denoiser_logits(raw, s.canvas, t_row)
+        else:
+            t_row = None
         a = raw.shape[0]
         t = temperature(steps_left, cfg.max_steps, cfg.t_min, cfg.t_max)
         sk = all_step_keys[:, i] if a == b else all_step_keys[rows, i]  # [a, purposes]
@@ -226,8 +247,11 @@ def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor
                            argmax=torch.where(k, tok, st.argmax), margin=st.margin.masked_fill(k, 1.0),
                            sample=None if st.sample is None else torch.where(k, tok, st.sample))
         step_guide = None if guide is None else _bind_guide(guide, rows, None if tmpl is None else tmpl[1])
-        s.canvas, s.committed, output = strategy_step(cfg, st, s.canvas, s.committed, steps_left, pos_keys, vocab_size,
-                                                      mask_id, step_guide)
+        canvas_in = s.canvas
+        s.canvas, s.committed, output, drawn = strategy_step(cfg, st, s.canvas, s.committed, steps_left, pos_keys,
+                                                             vocab_size, mask_id, step_guide)
+        if not strategy.commits and cfg.last_step == "sample":
+            output = st.sample  # a stopping row outputs its draws (the template's tokens where known)
         # positions of the next canvas that are not noise: committed ones, and entropy_bound's accepted samples
         if cfg.prediction == "mean_loo":
             s.kept = s.committed if strategy.commits else s.committed | (s.canvas == st.sample)
@@ -241,6 +265,12 @@ def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor
         if steps_left == 1:
             done = torch.ones_like(done)
         newly = s.live & done
+        if job.trace is not None:
+            if not strategy.commits:  # a stopping row's accepted draws are dropped; its output may be a draw
+                drawn = torch.where(newly[:, None], cfg.last_step == "sample", drawn)
+            drawn = drawn & s.live[:, None] if tmpl is None else drawn & s.live[:, None] & ~tmpl[1]
+            job.trace.append(TraceStep(rows.clone(), canvas_in, output if st.sample is None else st.sample, drawn,
+                                        float(t), t_row))
         out.index_copy_(0, rows, torch.where(newly[:, None], output, out.index_select(0, rows)))
         s.live = s.live & ~done
         if cfg.self_conditioning:
@@ -262,10 +292,15 @@ def denoise_canvas_fast(job: CanvasJob, cfg) -> tuple[torch.Tensor, torch.Tensor
 @torch.no_grad()
 def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator | None, eos_id: int, pad_id: int,
                 canvas_length: int | None = None, row_seeds: torch.Tensor | None = None,
-                template: torch.Tensor | None = None, guide=None):
+                template: torch.Tensor | None = None, guide=None, trace: list | None = None,
+                branch: tuple | None = None):
     """Fast sampling of equal-length prompts [b, p]; returns SampleResult(tokens [b, n_canvases * l], nfe [b]).
-    template [b, l] (first canvas) and guide: see `CanvasJob`."""
+    template [b, l] (first canvas), guide and trace (one canvas only): see `CanvasJob`; branch = (step, seeds [b]):
+    from that step of the first canvas on, each row draws from its own `seeds` (rows that share `row_seeds` and a
+    prompt share their draws before it: the nodes of a rollout tree)."""
     check_strategy(cfg)
+    if trace is not None and cfg.max_canvases != 1:
+        raise ValueError("a sampler trace covers one canvas: set sampler.max_canvases=1")
     core_cfg = unwrap(model).config
     canvas_length = canvas_length or core_cfg.canvas_length
     vocab_size = model_vocab_size(model)
@@ -289,7 +324,8 @@ def sample_fast(model, prompt_ids: torch.Tensor, cfg, generator: torch.Generator
     cur_len, n_canvases = p, 0
     for k in range(cfg.max_canvases):
         job = CanvasJob(model, cache, keys[alive], k, canvas_length, vocab_size, cur_len, mask_id,
-                        template if k == 0 else None, guide if k == 0 else None, fused, prompt_kv)
+                        template if k == 0 else None, guide if k == 0 else None, fused, prompt_kv, trace,
+                        None if branch is None or k else (int(branch[0]), rng.seed_keys(branch[1].to(device))))
         out, n = denoise_canvas_fast(job, cfg)
         tokens[alive, k * canvas_length:(k + 1) * canvas_length] = out
         nfe.index_add_(0, alive, n)

@@ -27,18 +27,23 @@ def uses_reference(cfg: SamplerConfig) -> bool:
     if cfg.prediction not in ("denoiser", "mean_loo"):
         raise ValueError(f"sampler prediction must be 'denoiser' or 'mean_loo', got {cfg.prediction!r}")
     return (cfg.mode == "reference" and cfg.strategy == "entropy_bound" and cfg.noise == "uniform"
-            and cfg.prediction == "denoiser" and cfg.self_conditioning)
+            and cfg.prediction == "denoiser" and cfg.self_conditioning and cfg.last_step == "argmax")
 
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator, eos_id: int, pad_id: int,
            canvas_length: int | None = None, row_seeds: torch.Tensor | None = None,
-           template: torch.Tensor | None = None, guide=None) -> SampleResult:
+           template: torch.Tensor | None = None, guide=None, trace: list | None = None,
+           branch: tuple | None = None) -> SampleResult:
     """Sample responses for equal-length prompts [b, p] (group prompts by length before calling).
 
     `row_seeds` [b] (fast path only): one seed per row, so that a row's output does not depend on the batch;
     by default drawn from `generator`. The reference path draws from `generator` like generate() does.
-    `template` [b, l] (known canvas tokens, -1 = free) and `guide` (a rule checker, `dgtune.sampling.guide`) run on the fast path."""
-    if not uses_reference(cfg) or template is not None or guide is not None:
-        return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds, template, guide)
+    `template` [b, l] (known canvas tokens, -1 = free), `guide` (a rule checker, `dgtune.sampling.guide`) and
+    `trace` (a list that receives each step's `TraceStep`, one canvas) and `branch` (step, seeds [b]: tree
+    rollouts, see `sample_fast`) run on the fast path."""
+    if (not uses_reference(cfg) or template is not None or guide is not None or trace is not None
+            or branch is not None):
+        return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds, template, guide,
+                           trace, branch)
     return sample_reference(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length)

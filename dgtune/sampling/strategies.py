@@ -71,6 +71,8 @@ def check_strategy(cfg) -> None:
         raise ValueError(f"sampler noise must be 'uniform' or 'mask', got {cfg.noise!r}")
     if cfg.commit not in ("sample", "argmax"):
         raise ValueError(f"sampler commit must be 'sample' or 'argmax', got {cfg.commit!r}")
+    if cfg.last_step not in ("argmax", "sample"):
+        raise ValueError(f"sampler last_step must be 'argmax' or 'sample', got {cfg.last_step!r}")
 
 
 def noise_tokens(keys: torch.Tensor, shape, vocab_size: int, mask_id: int | None) -> torch.Tensor:
@@ -129,7 +131,9 @@ def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, ste
     """One step of `cfg.strategy`. stats: StepStats with [b, l] fields; canvas / committed [b, l]; keys: position
     keys [b, l] for "renoise" and "score". `guide(tokens [b, l], fixed [b, l]) -> reject [b, l]` (optional, a task's
     rule checker) vetoes newly accepted tokens that break a hard constraint: they are renoised (or stay
-    uncommitted) instead of kept. Returns (next canvas [b, l], committed [b, l], output canvas [b, l])."""
+    uncommitted) instead of kept. Returns (next canvas [b, l], committed [b, l], output canvas [b, l], drawn [b, l]
+    bool: the positions whose sampled token this step keeps in the next canvas, the step's random decisions that
+    depend on the model, read by the trajectory likelihood of `method=rl`)."""
     strategy = STRATEGIES[cfg.strategy]
     noise = noise_tokens(keys["renoise"], canvas.shape, vocab_size, mask_id)
     free = ~committed
@@ -137,11 +141,12 @@ def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, ste
         accepted = strategy.select(cfg, stats, free, steps_left, keys.get("score"))
         if guide is not None:
             accepted = accepted & ~guide(stats.sample, accepted)
-        return torch.where(accepted, stats.sample, noise), committed, stats.argmax
+        return torch.where(accepted, stats.sample, noise), committed, stats.argmax, accepted
     new = strategy.select(cfg, stats, free, steps_left, keys.get("score"))
     chosen = stats.sample if cfg.commit == "sample" else stats.argmax
     if guide is not None:
         new = new & ~guide(torch.where(committed, canvas, chosen), committed | new)
     committed = committed | new
     kept = torch.where(new, chosen, canvas)  # committed tokens (old ones are already in the canvas)
-    return torch.where(committed, kept, noise), committed, torch.where(committed, kept, stats.argmax)
+    drawn = new if cfg.commit == "sample" else torch.zeros_like(new)
+    return torch.where(committed, kept, noise), committed, torch.where(committed, kept, stats.argmax), drawn

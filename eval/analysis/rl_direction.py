@@ -14,6 +14,7 @@ lowers it. Extra `override`s go to the config (e.g. `method.reward.cell_acc=0.5`
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +58,11 @@ def main(argv=None) -> None:
 
     def fresh(k: int) -> tuple[float, float]:
         """Rollouts of the same prompts with the rows' sampler seeds shifted by k."""
-        ro = method._rollouts(0, cpu, None, seed_offset=10_000 * k)
+        rollout_sampler, method.sampler = method.sampler, replace(method.sampler, last_step="argmax")  # as deployed
+        try:
+            ro = method._rollouts(0, cpu, None, seed_offset=10_000 * k)
+        finally:
+            method.sampler = rollout_sampler
         return float(ro.rewards.mean()), float(ro.solved.mean())
 
     model.eval()

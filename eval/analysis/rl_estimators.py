@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     cfg = compose_run(OmegaConf.load(args.run_dir / "config.yaml"),
                       ["method=rl", f"method.group_size={args.group}", f"method.rollout_steps={args.steps}",
                        f"trainer.batch_size={args.prompts * args.group}", "method.variance_every=0", "trainer.grad_accum=1",
-                       "method.log_kl=false"])
+                       "method.log_kl=false", "method.skip_flat_groups=false"])  # every completion, flat groups too
     task = build_task(cfg.task)
     model, tok, _ = load_run(args.run_dir, cfg)
     model.config.canvas_length = task.canvas_length

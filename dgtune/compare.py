@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dgtune.errors import InputError
 
-IGNORED = ("run_dir", "run_name", "runs_root", "data_dir", "resume", "logger.", "hydra.")  # not settings of a run
+IGNORED = ("run_dir", "run_name", "runs_root", "data_dir", "resume", "logger.", "hydra.", "sweep.trials")  # bookkeeping
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -87,6 +87,10 @@ def _objective_key(run: dict) -> float:
     return -math.inf if obj is None or obj.get("value") is None else float(obj["value"])
 
 
+def _setting(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def table(runs: list[dict], keys: list[str]) -> str:
     """The Markdown table (runs in the given order)."""
     steps = sorted({r["steps"] for run in runs for r in run["rows"]})
@@ -98,7 +102,7 @@ def table(runs: list[dict], keys: list[str]) -> str:
         by = {r["steps"]: r for r in run["rows"]}
         obj = run["objective"]
         cells = [i, run["name"], "-" if obj is None else f"{obj['value']:.3f} (n={obj.get('n')})",
-                 *[run["config"].get(k, "-") for k in keys],
+                 *[_setting(run["config"].get(k, "-")) for k in keys],
                  *[f"{by[s]['solved']:.3f} [{by[s]['solved_lo']:.2f}, {by[s]['solved_hi']:.2f}]" if s in by else "-"
                    for s in steps],
                  *[f"{by[s]['cell_acc']:.3f}" if s in by else "-" for s in steps],
@@ -107,10 +111,48 @@ def table(runs: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_runs(runs: list[dict], path: Path) -> None:
+    """Solved (solid, Wilson band) and cell accuracy (dashed) against denoising steps, one colour per run (best
+    objective first), the legend beside the axes; written atomically to `path`."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(13, 4.5))
+    steps = sorted({r["steps"] for run in runs for r in run["rows"]})
+    for i, run in enumerate(runs):
+        rs, color = run["rows"], f"C{i % 10}"
+        xs = [r["steps"] for r in rs]
+        obj = run["objective"]
+        label = f"{i + 1}. {run['name']}" + ("" if obj is None else f" ({obj['value']:.3f})")
+        ax_s.plot(xs, [r["solved"] for r in rs], "-o", color=color, label=label)
+        ax_s.fill_between(xs, [r["solved_lo"] for r in rs], [r["solved_hi"] for r in rs], color=color, alpha=0.12)
+        ax_c.plot(xs, [r["cell_acc"] for r in rs], "--o", color=color)
+    for ax, what in ((ax_s, "solved (test split, Wilson 95%)"), (ax_c, "cell_acc (test split)")):
+        if steps and min(steps) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(steps)
+        ax.set_xticklabels([str(x) for x in steps])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("denoising steps")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+    fig.legend(*ax_s.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.78, 0.5), fontsize="small",
+               title="run (objective)")
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")  # the legend beside the axes included
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def compare(paths: list[Path], out: Path | None = None, wandb_project: str | None = None) -> dict:
     """Write the comparison of the runs in `paths` (module docstring); returns {"md", "json", "png"} paths."""
     from dgtune.checkpoint import write_json
-    from dgtune.eval.report import plot_accuracy_vs_steps
 
     runs = sorted((load_run(p) for p in find_runs(paths)), key=lambda r: (-_objective_key(r), r["name"]))
     keys = differing(runs)
@@ -125,8 +167,7 @@ def compare(paths: list[Path], out: Path | None = None, wandb_project: str | Non
     write_json(paths_out["json"], [{"run": r["name"], "dir": r["dir"], "objective": r["objective"],
                                    "settings": {k: r["config"].get(k) for k in keys}, "rows": r["rows"],
                                    "train_minutes": r["train_minutes"]} for r in runs])
-    plot_rows = [{**row, "model": run["name"]} for run in runs for row in run["rows"]]
-    plot_accuracy_vs_steps(plot_rows, paths_out["png"])
+    plot_runs(runs, paths_out["png"])
     if wandb_project:
         _to_wandb(wandb_project, runs, keys, paths_out)
     print(md)
@@ -137,7 +178,7 @@ def compare(paths: list[Path], out: Path | None = None, wandb_project: str | Non
 def _to_wandb(project: str, runs: list[dict], keys: list[str], paths: dict) -> None:
     import wandb
 
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     run = wandb.init(project=project, job_type="compare", mode=mode, dir=str(paths["md"].parent))
     cols = ["run", "objective", *keys, "train_minutes"]
     data = [[r["name"], None if r["objective"] is None else r["objective"]["value"],

@@ -94,8 +94,11 @@ def register_resolvers() -> None:
 def best_command(task_overrides: list[str], best_params: dict) -> str:
     """The command line of the best trial: the sweep's fixed overrides (its sweeper choice and search ranges left
     out) followed by the best parameters."""
+    def sweep_only(key: str) -> bool:  # the sweeper's choice and size, Hydra's own settings
+        return key.startswith(("sweeper", "hydra.", "hydra/")) or key == "sweep.trials"
+
     keep = [o for o in task_overrides
-            if not o.lstrip("+~").startswith("sweeper") and o.split("=", 1)[0].lstrip("+~") not in best_params]
+            if not sweep_only(o.split("=", 1)[0].lstrip("+~")) and o.split("=", 1)[0].lstrip("+~") not in best_params]
     best = [f"{k}={v}" for k, v in best_params.items()]
     return "python -m dgtune.train " + " ".join(shlex.quote(o) for o in keep + best)
 

@@ -38,7 +38,8 @@ def test_trials_left_counts_the_finished_trials_of_a_stored_study(tmp_path):
 
 
 def test_best_command_replaces_the_search_with_the_best_values():
-    cmd = best_command(["recipe=sudoku_4x4", "+sweeper=optuna_sudoku_4x4", "trainer.max_steps=10", "lora.r=8"],
+    cmd = best_command(["recipe=sudoku_4x4", "+sweeper=optuna_sudoku_4x4", "sweep.trials=6", "trainer.max_steps=10",
+                        "lora.r=8"],
                        {"trainer.lr": 0.002, "lora.r": 16})
     assert cmd == "python -m dgtune.train recipe=sudoku_4x4 trainer.max_steps=10 trainer.lr=0.002 lora.r=16"
 
@@ -54,6 +55,14 @@ def test_wandb_sweep_file_composes_and_reads_the_logged_objective():
         section, name = key.rsplit(".", 1)
         assert name in cfg[section], key
         compose([*fixed, f"{key}={value}"])
+
+
+def test_runs_under_a_wandb_agent_are_grouped_by_sweep_id(monkeypatch):
+    from dgtune.run_folder import sweep_group
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    assert sweep_group(compose([])) == "sweep-abc123"
+    assert sweep_group(compose(["logger=wandb", "logger.group=mine"])) == "mine"
 
 
 def _env():
@@ -96,7 +105,7 @@ def test_optuna_sweep_resumes_and_compare_reads_its_runs(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(list(root.glob("*/report.json"))) == 3 and "best trial's command" in again.stdout
 
-    res = subprocess.run([sys.executable, "-m", "dgtune.compare", str(root)], cwd=ROOT, env=_env(),
+    res = subprocess.run([sys.executable, "-m", "dgtune.compare", str(root), "--wandb", "dgtune-test"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     md = (root / "compare.md").read_text()

@@ -70,6 +70,7 @@ def _env():
             "WANDB_MODE": "disabled"}
 
 
+@pytest.mark.slow
 def test_optuna_sweep_resumes_and_compare_reads_its_runs(tmp_path):
     """A 3-trial Optuna sweep of a 10-step recipe=sudoku_4x4 through the real CLI, offline: the best trial's command is
     printed; each trial's value in the study equals its run's objective.json and its report's validation figure; a

@@ -15,6 +15,9 @@ sampler, organised for speed and batch invariance.
   transformers' decoder with weights snapshotted once (LoRA folded in; rebuilt when a parameter changes), fused q/k/v and gate/up matmuls,
   optional bf16 matmuls (`decoder_dtype`), expert-sorted MoE, the prompt cache cast once per canvas;
   `decoder="transformers"` calls the model's own decoder with a precomputed (empty) attention-mask mapping.
+- For RL rollouts (`dgtune.rl`): `trace=` records each step (`TraceStep`: input canvas, temperature, draws kept) for
+  the trajectory likelihood, and `branch=(step, seeds)` switches each row's random keys at a step, so that rows with
+  the same seed and prompt share their draws before it (tree rollouts).
 """
 
 from __future__ import annotations

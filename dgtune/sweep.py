@@ -23,6 +23,8 @@ import re
 import shlex
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from dgtune.errors import ConfigError
 
 METRIC = re.compile(r"^(?P<grade>[a-z_]+)@(?P<steps>\d+)$")
@@ -101,12 +103,6 @@ def best_command(task_overrides: list[str], best_params: dict) -> str:
             if not sweep_only(o.split("=", 1)[0].lstrip("+~")) and o.split("=", 1)[0].lstrip("+~") not in best_params]
     best = [f"{k}={v}" for k, v in best_params.items()]
     return "python -m dgtune.train " + " ".join(shlex.quote(o) for o in keep + best)
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover (hydra is a dependency)
-    Callback = object
 
 
 class SweepSummary(Callback):

@@ -226,7 +226,7 @@ class RL:
         if self.branches > 1:  # per step: the draws before the branch by their node's value, after it by the leaf's
             prefix, leaf = tree_advantages(rewards, self.group_size, self.branches,
                                            bool(cfg.method.normalise_advantages))
-            k = max(len(steps) for _, steps in parts)  # the trace's steps
+            k = max(len(steps) for _, steps in parts)  # the trace's steps (as `Trace.from_steps` counts them)
             before = (torch.arange(k) < self.branch_step).repeat_interleave(task.canvas_length)  # [k l]
             adv = torch.where(before[None, :], prefix[:, None], leaf[:, None])  # [b, k l]
         if not bool(cfg.method.get("negatives", True)):  # only the better completions are pulled up

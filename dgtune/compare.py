@@ -122,6 +122,8 @@ def plot_runs(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dgtune.eval.report import steps_axis
+
     fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(13, 4.5))
     steps = sorted({r["steps"] for run in runs for r in run["rows"]})
     for i, run in enumerate(runs):
@@ -133,14 +135,8 @@ def plot_runs(runs: list[dict], path: Path) -> None:
         ax_s.fill_between(xs, [r["solved_lo"] for r in rs], [r["solved_hi"] for r in rs], color=color, alpha=0.12)
         ax_c.plot(xs, [r["cell_acc"] for r in rs], "--o", color=color)
     for ax, what in ((ax_s, "solved (test split, Wilson 95%)"), (ax_c, "cell_acc (test split)")):
-        if steps and min(steps) > 0:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(steps)
-        ax.set_xticklabels([str(x) for x in steps])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("denoising steps")
+        steps_axis(ax, steps)
         ax.set_title(what)
-        ax.grid(alpha=0.3)
     fig.legend(*ax_s.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.78, 0.5), fontsize="small",
                title="run (objective)")
     fig.tight_layout(rect=(0, 0, 0.78, 1))

@@ -126,6 +126,18 @@ def _buckets(rows: list[dict]) -> list[str]:
     return sorted({r["bucket"] for r in rows}, key=_bucket_rank)
 
 
+def steps_axis(ax, steps: list[int]) -> None:
+    """An accuracy-vs-steps axes: the step counts as ticks on a log2 x axis (linear when one is 0), accuracy in
+    [0, 1], a light grid."""
+    if steps and min(steps) > 0:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(steps)
+    ax.set_xticklabels([str(s) for s in steps])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("denoising steps")
+    ax.grid(alpha=0.3)
+
+
 def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
     """Plot solved (solid, CI band) and cell_acc (dashed) vs steps, one subplot per bucket (one row of subplots per
     task when the rows hold several); save PNG to `path`."""
@@ -161,15 +173,9 @@ def plot_accuracy_vs_steps(rows: list[dict], path) -> None:
             ax.fill_between(xs, [nan(r["solved_lo"]) for r in rs], [nan(r["solved_hi"]) for r in rs],
                             color=colors[key], alpha=0.2)
             ax.plot(xs, [nan(r["cell_acc"]) for r in rs], "--", color=colors[key], label=f"{label} cell_acc")
-        if all_steps and min(all_steps) > 0:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(all_steps)
-        ax.set_xticklabels([str(s) for s in all_steps])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("denoising steps")
+        steps_axis(ax, all_steps)
         ax.set_ylabel("accuracy")
         ax.set_title(f"bucket: {bucket}" if len(tasks) == 1 else f"task: {task}, bucket: {bucket}")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Accuracy vs denoising steps")
     fig.tight_layout()

@@ -22,10 +22,12 @@ def write_json(path: Path, obj) -> None:
     _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
+                    trainable: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write `checkpoints/step_<N>` via a temporary folder and a rename, then point `checkpoints/latest` at it and
     keep the newest `keep` checkpoints (0 = all). A failed write (disk full, non-finite weights) removes the
-    temporary folder and leaves every earlier checkpoint as it was."""
+    temporary folder and leaves every earlier checkpoint as it was. Sharded runs (`dgtune.sharded`) pass the whole
+    trainable tensors (`trainable`, written as trainable.safetensors) and the optimizer's full state."""
     from dgtune.errors import SaveError
 
     root = Path(run_dir) / "checkpoints"
@@ -36,7 +38,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     try:
         tmp.mkdir()
         save_weights(model, tokenizer, tmp / "weights")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if trainable is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -134,11 +140,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next((p for p, problem in checkpoint_candidates(run_dir) if problem is None), None)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved state (with `step`)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, sharded=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved state (with `step`). With
+    `sharded` (`dgtune.sharded.Sharded`), each process takes its shards of the weights and optimizer state."""
     path = Path(path)
     weights = path / "weights"
-    if (weights / "adapter_model.safetensors").exists():
+    if sharded is not None:
+        sharded.load(path, optimizer)
+    elif (weights / "adapter_model.safetensors").exists():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -149,7 +158,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         missing, unexpected = model.load_state_dict(load_file(str(weights / "model.safetensors")), strict=False)
         if unexpected:
             raise RuntimeError(f"checkpoint {weights} has unexpected tensors: {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if sharded is None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -157,14 +167,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def resume_state(run_dir, model, optimizer, scheduler, print_fn=print) -> dict:
+def resume_state(run_dir, model, optimizer, scheduler, print_fn=print, sharded=None) -> dict:
     """Load the newest complete and loadable checkpoint of `run_dir`, saying which newer ones were skipped and
     why; CheckpointError (listing every reason) when none loads."""
     skipped = []
     for ckpt, problem in checkpoint_candidates(run_dir):
         if problem is None:
             try:
-                state = load_checkpoint(ckpt, model, optimizer, scheduler)
+                state = load_checkpoint(ckpt, model, optimizer, scheduler, sharded)
             except Exception as e:  # e.g. a truncated optimizer.pt
                 problem = f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if problem is not None:

@@ -37,6 +37,12 @@ class Run:
     state: dict = field(default_factory=dict)
     tracker: Tracker | None = None
     env: dict = field(default_factory=dict)
+    sharded: object = None  # trainer.strategy=fsdp2: the `dgtune.sharded.Sharded` whose replica `model` is
+
+    def gather(self) -> None:
+        """With sharded weights, bring the main process' replica up to date (every process calls it)."""
+        if self.sharded is not None:
+            self.sharded.sync()
 
     @property
     def main(self) -> bool:
@@ -56,7 +62,8 @@ def resume(run: Run) -> None:
     run.state.update({"step": 0, "tokens": 0, "elapsed_s": 0.0, "wandb_id": None, "num_processes": world})
     if not run.cfg.resume:
         return
-    loaded = resume_state(run.run_dir, run.model, run.optimizer, run.scheduler, run.accelerator.print)
+    loaded = resume_state(run.run_dir, run.model, run.optimizer, run.scheduler, run.accelerator.print,
+                          sharded=run.sharded)
     ckpt = loaded.pop("checkpoint")
     loaded.pop("skipped")
     run.state.update(loaded, num_processes=world)
@@ -98,6 +105,7 @@ def log_step(run: Run, step: int, logs: dict, grad_norm: float, tokens: int, sec
 
 def quick_eval_point(run: Run, step: int) -> None:
     """A quick eval of the current weights (main process; a point of the learning curve); all processes wait."""
+    run.gather()
     if run.main:
         run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], run.cfg, run.run_dir, step,
                                    step * run.sequences_per_step), step)
@@ -116,9 +124,12 @@ def past_deadline(run: Run, deadline: float | None) -> bool:
 def checkpoint(run: Run, step: int, t_start: float) -> None:
     """An atomic checkpoint of step `step` (main process); all processes wait."""
     run.state["elapsed_s"] = time.perf_counter() - t_start
+    extra = {}
+    if run.sharded is not None:  # whole tensors, gathered by every process for the main one
+        extra = {"trainable": run.sharded.sync(), "optimizer_state": run.sharded.optimizer_state(run.optimizer)}
     if run.main:
         save_checkpoint(run.run_dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler, dict(run.state),
-                        keep=run.cfg.trainer.keep_checkpoints)
+                        keep=run.cfg.trainer.keep_checkpoints, **extra)
     run.accelerator.wait_for_everyone()
 
 
@@ -127,6 +138,7 @@ def finish(run: Run, step: int, loss: float | None, t_start: float, evaluated: b
     config, and the full report (`eval.at_end`); returns the run's summary."""
     cfg = run.cfg
     run.state["elapsed_s"] = time.perf_counter() - t_start
+    run.gather()
     if cfg.eval.quick_every and run.main and not evaluated:  # the learning curve's last point: the final weights
         run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], cfg, run.run_dir, step,
                                    step * run.sequences_per_step), step)

@@ -31,6 +31,7 @@ from dgtune.models.family import family_of
 from dgtune.models.load import load_model
 from dgtune.methods import method_class, method_name
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir
+from dgtune.sharded import full_grad_norm_clip
 from dgtune.runtime import accelerator_session, resolve_precision
 from dgtune.sweep import objective_spec
 from dgtune.tasks import build_task
@@ -48,15 +49,24 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def apply_lora(model, cfg: DictConfig):
     """Wrap the model with LoRA adapters (peft) on `lora.target_modules`, or the model family's own pattern when it
-    is null (`dgtune.models.family`); the router and base stay frozen."""
+    is null (`dgtune.models.family`); with `lora.experts=true` also on the routed experts' 3-D parameters (peft's
+    `target_parameters`, the family's `expert_parameters`); the router and base stay frozen."""
     from peft import LoraConfig, get_peft_model
 
+    family = family_of(model)
+    params = list(cfg.get("target_parameters") or [])
+    if cfg.get("experts"):
+        if not family.expert_parameters:
+            from dgtune.errors import ConfigError
+
+            raise ConfigError(f"lora.experts=true: model family {family.name} names no expert parameters")
+        params += [p for p in family.expert_parameters if p not in params]
     lcfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.get("target_modules") or family_of(model).lora_target_modules,
-        target_parameters=list(cfg.target_parameters) or None,
+        target_modules=cfg.get("target_modules") or family.lora_target_modules,
+        target_parameters=params or None,
     )
     return get_peft_model(model, lcfg)
 
@@ -158,19 +168,28 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
         freeze_router(model)
     if cfg.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     method = method_class(cfg)(cfg, task, splits, model, tokenizer, world)
 
-    # The module accelerate wraps is the method's whole loss, so DDP/FSDP hooks see every model call. The
-    # scheduler is not prepared: accelerate would step it once per process per optimizer step.
+    # The module accelerate wraps (or FSDP2 shards) is the method's whole loss, so DDP/FSDP hooks see every model
+    # call. The scheduler is not prepared: accelerate would step it once per process per optimizer step.
+    sharded = None
+    if tc.strategy == "fsdp2":  # dgtune/sharded.py: layer units + the loss as root; sampling reads a replica
+        from dgtune.sharded import Sharded, ensure_process_group
+
+        ensure_process_group(accelerator)
+        sharded = Sharded(method.module, family_of(model).shard_units, main, accelerator.device)
+    trainable = [p for p in method.module.parameters() if p.requires_grad]  # (sharded: the DTensor parameters)
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     )
-    loss_fn, optimizer = accelerator.prepare(method.module, optimizer)
-    inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
-    run = hooks.Run(cfg, accelerator, run_dir, task, splits, inner, tokenizer, optimizer, scheduler)
+    if sharded is None:
+        loss_fn, optimizer = accelerator.prepare(method.module, optimizer)
+        inner = accelerator.unwrap_model(loss_fn).model  # the (peft) model: sampling, eval, checkpoints
+    else:
+        loss_fn, inner = method.module, sharded.model  # inner: the main process' unsharded replica
+    run = hooks.Run(cfg, accelerator, run_dir, task, splits, inner, tokenizer, optimizer, scheduler, sharded=sharded)
     hooks.resume(run)
     hooks.start_records(run)
     env, state = run.env, run.state
@@ -196,7 +215,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
         for micro in range(tc.grad_accum):
             # The method's micro-step is a pure function of (seed, micro-step), the same on every process; each
             # process computes the loss of its rows. Gradients are all-reduced at the last micro-step.
-            sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(loss_fn)
+            last = micro == tc.grad_accum - 1
+            sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(loss_fn)
             with sync:
                 with accelerator.autocast():
                     out, tokens = method.micro_step(loss_fn, step * tc.grad_accum + micro, accelerator.device, rows)
@@ -204,7 +224,8 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
             for k, v in out.items():
                 logs[k] = logs.get(k, 0.0) + v.detach().float() / tc.grad_accum
             window_tokens += tokens
-        grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+        grad_norm = (accelerator.clip_grad_norm_(trainable, tc.max_grad_norm) if sharded is None
+                     else full_grad_norm_clip(trainable, tc.max_grad_norm))
         logs = dict(zip(logs, accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()))  # over processes
         if math.isfinite(logs["loss"]) and math.isfinite(float(grad_norm)):  # the same verdict on every process
             optimizer.step()

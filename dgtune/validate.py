@@ -87,6 +87,7 @@ RULES = {
     "trainer.train_router": _bool(),
     "trainer.mixed_precision": _choice("auto", *PRECISIONS),
     "trainer.device": _choice("auto", "cpu"),
+    "trainer.strategy": _choice("ddp", "fsdp2"),
     "trainer.gradient_checkpointing": _bool(),
     "trainer.log_every": _int(1),
     "trainer.ckpt_every": _int(1),
@@ -138,7 +139,8 @@ RULES = {
     "lora.enabled": _bool(),
     "model.source": _choice("bundled", "pretrained", "scratch", "shaped"),
 }
-LORA_RULES = {"lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1, hi_open=True)}
+LORA_RULES = {"lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1, hi_open=True),
+              "lora.experts": _bool()}
 # model keys read by some sources only: set (not null) under another source they would be silently ignored
 MODEL_KEY_SOURCES = {
     "name_or_path": ("pretrained",),
@@ -181,6 +183,14 @@ def check_config(cfg: DictConfig, sections=("trainer", "eval", "task", "sampler"
         from dgtune.methods import method_class
 
         method_class(cfg)  # the name is registered (its module imported)
+        if (cfg.trainer.get("strategy") == "fsdp2" and not cfg.lora.get("enabled")
+                and cfg.objective.get("self_cond_p", 0) > 0):
+            raise ConfigError("trainer.strategy=fsdp2 with a full fine-tune (lora=none) takes objective.self_cond_p=0: "
+                              "the tied encoder/decoder layers form one FSDP2 unit, which torch 2.13 cannot run twice "
+                              "before backward (dgtune/sharded.py: untie_frozen_shared)")
+        if cfg.trainer.get("strategy") == "fsdp2" and cfg.method.get("name", "sft") != "sft":
+            raise ConfigError(f"trainer.strategy=fsdp2 trains method=sft only (method={cfg.method.name}: its rollouts "
+                              "sample the sharded model outside the loss; use trainer.strategy=ddp)")
     if "sampler" in sections and "sampler" in cfg:
         t_min, t_max = cfg.sampler.get("t_min"), cfg.sampler.get("t_max")
         if isinstance(t_min, (int, float)) and isinstance(t_max, (int, float)) and t_min > t_max:

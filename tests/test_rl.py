@@ -301,3 +301,61 @@ def test_init_from_is_checked_before_any_work(tmp_path):
     (other / "final" / "adapter_config.json").unlink()
     with pytest.raises(InputError, match="holds no adapter"):
         check_init_from(compose([*BASE, f"init_from={other}"]))
+
+
+def test_self_training_batch_is_the_sft_batch_of_the_same_answers(tmp_path):
+    """`method.objective=rft` trains SFT's loss on approved completions: a completion equal to the reference answer
+    gives exactly the batch `dgtune.data` builds for SFT (prompt + answer + EOS, EOS-filled canvas, template)."""
+    from dgtune.data import collate_train, encode_rows, splits_for
+    from dgtune.models.load import load_model
+    from dgtune.rl.likelihood import Completions
+    from dgtune.rl.self_training import self_training_batch
+    from dgtune.tasks import build_task
+
+    cfg = compose([*BASE, "task.template=true", f"data_dir={tmp_path}"])
+    task = build_task(cfg.task)
+    _, tok = load_model(cfg.model)
+    rows = splits_for(task, cfg)["train"][:6]
+    items = encode_rows(tok, rows, task.canvas_length, task)
+    ref = collate_train(items, tok.pad_token_id)
+    p = max(len(it["prompt"]) for it in items)
+    prompts = torch.full((len(items), p), tok.pad_token_id)
+    for i, it in enumerate(items):
+        prompts[i, : len(it["prompt"])] = torch.tensor(it["prompt"])
+    plen = torch.tensor([len(it["prompt"]) for it in items])
+    batch = Completions(prompts, (torch.arange(p)[None] < plen[:, None]).long(), plen, ref["canvas"],
+                        ref["canvas_keep"], torch.arange(len(items)))
+    got = self_training_batch(batch, tok.eos_token_id, tok.pad_token_id)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_rft_trains_the_approved_rows_only_scaled_by_their_share(tmp_path):
+    """rft: the loss rows are the completions whose reward reaches `method.rft_min_reward` (flat groups included),
+    the loss is SFT's denoising loss of them times their share of the rows, and a step with none approved is 0."""
+    import itertools
+
+    from dgtune.data import splits_for
+    from dgtune.diffusion.loss import denoising_loss
+    from dgtune.models.tiny import build_tiny_model
+    from dgtune.rl.method import RL as Method
+    from dgtune.rl.self_training import self_training_batch
+    from dgtune.tasks import build_task
+
+    cfg = compose([*BASE, *RL, "method.objective=rft", f"data_dir={tmp_path}"])
+    task = build_task(cfg.task)
+    model, tok = build_tiny_model(seed=0, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, canvas_length=task.canvas_length)
+    method = Method(cfg, task, splits_for(task, cfg), model, tok, 1)
+    assert method.reference is None  # no KL, no reference copy
+    count = itertools.count()
+    method.rewarder = lambda row, text: (float(next(count) < 8), {})  # the first group, all approved (flat)
+    ro = method._rollouts(0, torch.device("cpu"), None)
+    assert ro.batch.canvas.shape[0] == 8 and ro.scale == 0.5 and ro.flat_groups == 2
+    out = method.module(ro)
+    expect = denoising_loss(model, self_training_batch(ro.batch, tok.eos_token_id, tok.pad_token_id),
+                            method.obj_cfg, torch.Generator().manual_seed(ro.noise_seed), method.vocab, method.mask_id)
+    torch.testing.assert_close(out["loss"], expect["loss"] * 0.5)
+    method.rewarder = lambda row, text: (0.0, {})
+    assert float(method.module(method._rollouts(1, torch.device("cpu"), None))["loss"]) == 0.0

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dgtune.data import batch_indices
+from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.model_calls import vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.errors import ConfigError
@@ -37,10 +38,11 @@ from dgtune.methods import register_method
 from dgtune.rl.likelihood import ESTIMATORS, Completions, Trace, counted, sequence_logp
 from dgtune.rl.objectives import group_advantages, grpo_loss, k3_kl, masked_mean, tree_advantages, wd1_loss
 from dgtune.rl.rewards import Rewarder
+from dgtune.rl.self_training import self_training_batch
 from dgtune.sampling.config import pad_after_eos, sampler_config
 from dgtune.sampling.sampler import sample
 
-OBJECTIVES = ("grpo", "wd1")
+OBJECTIVES = ("grpo", "wd1", "rft")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Rollouts:
     ref_logp: torch.Tensor | None  # [b', n] (beta > 0 or log_kl)
     est_var: float | None  # mean over rows of the estimator's variance across repeated draws (when measured)
     tokens: int
+    noise_seed: int = 0  # rft: the seed of the denoising loss' draws (seed, block, the process' first row)
 
 
 class PolicyLoss(torch.nn.Module):
@@ -70,6 +73,26 @@ class PolicyLoss(torch.nn.Module):
     def forward(self, ro: Rollouts) -> dict[str, torch.Tensor]:
         """Loss and statistics of the rollouts `ro` under the current policy."""
         m = self.method
+        device = ro.batch.canvas.device
+        stats = {}
+        if m.objective == "rft":  # the SFT loss of the approved completions (dgtune.rl.self_training)
+            sft = denoising_loss(self.model, self_training_batch(ro.batch, m.tokenizer.eos_token_id,
+                                                                 m.tokenizer.pad_token_id),
+                                 m.obj_cfg, torch.Generator(device=device).manual_seed(ro.noise_seed), m.vocab,
+                                 m.mask_id)
+            loss, stats = sft["loss"], {"diffusion_loss": sft["diffusion_loss"]}
+        else:
+            loss, stats = self._policy_loss(ro)
+        out = {"loss": loss * ro.scale, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
+               "rollout_solved": ro.solved.mean().to(device),
+               "flat_groups": torch.tensor(float(ro.flat_groups), device=device), **stats}
+        if ro.est_var is not None:
+            out["estimator_var"] = torch.tensor(ro.est_var, device=device)
+        return out
+
+    def _policy_loss(self, ro: Rollouts) -> tuple[torch.Tensor, dict]:
+        """(loss, statistics) of GRPO or wd1 on the estimator's log-likelihoods."""
+        m = self.method
         logp = m.estimate(self.model, ro.batch)  # [b, n] with gradient
         free = counted(ro.batch, m.estimator)  # [b, n]
         if m.objective == "grpo":
@@ -80,13 +103,7 @@ class PolicyLoss(torch.nn.Module):
             stats = {}
             if ro.ref_logp is not None:  # reduced as grpo_loss reduces it
                 stats["kl"] = masked_mean(k3_kl(logp.detach(), ro.ref_logp), free).mean()
-        device = logp.device
-        out = {"loss": loss * ro.scale, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
-               "rollout_solved": ro.solved.mean().to(device),
-               "flat_groups": torch.tensor(float(ro.flat_groups), device=device), **stats}
-        if ro.est_var is not None:
-            out["estimator_var"] = torch.tensor(ro.est_var, device=device)
-        return out
+        return loss, stats
 
 
 @register_method("rl")
@@ -102,6 +119,8 @@ class RL:
         self.draws, self.prompt_noise = int(m.draws), float(m.prompt_noise)
         # a group whose rewards are all equal has zero advantages: with no KL term its rows add nothing to the loss
         self.skip_flat = bool(m.get("skip_flat_groups", False)) and self.beta == 0
+        self.rft = self.objective == "rft"  # self-training on approved completions: no estimator, ratio or KL
+        self.rft_min = float(m.get("rft_min_reward", 1.0))
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"method.objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.estimator not in ESTIMATORS:
@@ -126,14 +145,17 @@ class RL:
         self.guided = bool(m.get("guided"))
         self.branches = int(m.get("branches", 1))  # leaves per node of a tree rollout (1: independent rollouts)
         self.branch_step = int(m.get("branch_step", -1)) % self.sampler.max_steps  # the step whose draws branch
-        if self.estimator == "trajectory":
+        if self.rft and (self.mu != 1 or self.beta > 0 or int(m.get("branches", 1)) > 1):
+            raise ConfigError("method.objective=rft takes method.mu=1, method.beta=0 and method.branches=1 (it "
+                              "trains the denoising loss on the approved completions: no old or reference policy)")
+        if self.estimator == "trajectory" and not self.rft:
             self._check_trajectory()
         if self.branches > 1 and (self.estimator != "trajectory" or self.objective != "grpo"
                                   or self.group_size % self.branches):
             raise ConfigError(f"method.branches={self.branches} (tree rollouts) takes method.estimator=trajectory, "
                               f"method.objective=grpo and a method.group_size={self.group_size} that it divides")
         self.variance_every = int(m.variance_every)
-        self.log_kl = bool(m.log_kl) or self.beta > 0
+        self.log_kl = (bool(m.log_kl) or self.beta > 0) and not self.rft
         trainable = [p for p in model.parameters() if p.requires_grad]
         # the reference policy: the init weights of what trains (the adapter; a full fine-tune copies its trainables)
         self.trainable, self.reference = trainable, [p.detach().clone() for p in trainable] if self.log_kl else None
@@ -203,7 +225,7 @@ class RL:
         template = task.template_tensor(tok, mine) if getattr(task, "use_template", False) else None  # [b, l]
         guided = self.guided
         canvas = torch.empty(len(mine), task.canvas_length, dtype=torch.long)
-        parts = [] if self.estimator == "trajectory" else None  # (row indices, the sampler's steps) per call
+        parts = [] if self.estimator == "trajectory" and not self.rft else None  # (row indices, the sampler's steps) per call
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
@@ -232,7 +254,9 @@ class RL:
         if not bool(cfg.method.get("negatives", True)):  # only the better completions are pulled up
             adv = adv.clamp(min=0.0)
         live = torch.arange(len(mine))  # the rows the loss reads
-        if self.skip_flat:
+        if self.rft:  # the approved completions, flat groups included
+            live = (rewards >= self.rft_min).nonzero().squeeze(1)
+        elif self.skip_flat:
             varied = rewards.view(-1, self.group_size).std(-1, unbiased=False) >= 1e-6  # as group_advantages
             live = varied.repeat_interleave(self.group_size).nonzero().squeeze(1)
         scale = live.numel() / len(mine)
@@ -258,14 +282,14 @@ class RL:
                 with self.reference_weights():
                     ref = self.estimate(self.model, batch)
             if (self.variance_every and (block + 1) % self.variance_every == 0  # logged with the step's record
-                    and self.estimator != "trajectory"):  # (which draws nothing: its variance is 0)
+                    and self.estimator != "trajectory" and not self.rft):  # (trajectory draws nothing: variance 0)
                 reps = torch.stack([sequence_logp(self.estimate(self.model, batch, 1_000_000 * (j + 1)), batch.free)
                                     for j in range(3)])  # [3, b]
                 var = float(reps.var(0).mean())
         if was_training:
             self.model.train()
         return Rollouts(batch, rewards.to(device), adv[live].to(device), scale, solved.to(device), flat, old, ref, var,
-                        int(attention.sum()) + canvas.numel())
+                        int(attention.sum()) + canvas.numel(), noise_seed=base * 7 + lo)
 
     def micro_step(self, module, micro_step: int, device, rows: slice | None) -> tuple[dict, int]:
         """(loss dict of this process' rows, tokens) for optimizer step `micro_step` (grad_accum is 1)."""

@@ -19,7 +19,7 @@ decoder's attention and dense-MLP weights while the sampler is in use (`dgtune.s
 it on the model until a parameter changes); `sampler.decoder=transformers` avoids it where memory is tight.
 
 Sliding-window layers attend to whatever the encoder cache holds for them, as transformers' decoder does without a
-mask. Unsupported variants (clipped linears, attention soft-capping, LoRA on the experts) raise
+mask. Unsupported variants (clipped linears, attention soft-capping) raise
 `FusedDecoderUnsupported`; `decoder="auto"` then falls back to the transformers decoder.
 """
 
@@ -76,6 +76,29 @@ def effective_weight(linear) -> torch.Tensor:
         elif name in getattr(linear, "lora_embedding_A", {}) or name in getattr(linear, "lora_magnitude_vector", {}):
             raise FusedDecoderUnsupported(f"adapter {name!r} on {type(linear).__name__} is not a plain LoRA")
     return w
+
+
+def effective_expert_weights(experts) -> dict[str, torch.Tensor]:
+    """The routed experts' 3-D weights {gate_up_proj [E, 2 Ie, H], down_proj [E, H, Ie]} as applied: base + the
+    active, unmerged LoRA deltas of peft's `ParamWrapper`s (`lora.experts=true`: one wrapper per parameter, nested)."""
+    deltas: dict[str, torch.Tensor] = {}
+    module = experts
+    while hasattr(module, "base_layer") and hasattr(module, "parameter_name"):  # peft ParamWrapper
+        if not (getattr(module, "merged", False) or getattr(module, "disable_adapters", False)):
+            for name in module.active_adapters:
+                if name in getattr(module, "lora_A", {}):
+                    d = module.get_delta_weight(name)
+                    deltas[module.parameter_name] = deltas.get(module.parameter_name, 0) + d
+        module = module.base_layer
+    if hasattr(module, "base_layer"):
+        raise FusedDecoderUnsupported(f"adapter {type(module).__name__} on the MoE experts is not a plain LoRA")
+    out = {}
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(module, name)
+        if type(w).__name__ != "Parameter" and not isinstance(w, torch.Tensor):
+            raise FusedDecoderUnsupported(f"experts.{name} is a {type(w).__name__}")
+        out[name] = w + deltas[name] if name in deltas else w
+    return out
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -166,8 +189,7 @@ class FusedDecoder:
     @staticmethod
     def _layer(layer, dtype) -> _Layer:
         att, f32 = layer.self_attn, torch.float32
-        if type(layer.experts.gate_up_proj).__name__ != "Parameter" or hasattr(layer.experts, "base_layer"):
-            raise FusedDecoderUnsupported("adapters on the MoE experts")
+        experts = effective_expert_weights(layer.experts)
         q, k = effective_weight(att.q_proj), effective_weight(att.k_proj)
         parts = [q, k] + ([effective_weight(att.v_proj)] if att.v_proj is not None else [])
         g = layer.router
@@ -188,8 +210,8 @@ class FusedDecoder:
             router_scale=(g.scale.detach().to(f32) * g.scalar_root_size),
             router_proj=effective_weight(g.proj).detach().to(f32),
             per_expert_scale=g.per_expert_scale.detach().to(f32),
-            experts_gate_up=layer.experts.gate_up_proj.detach().to(dtype),
-            experts_down=layer.experts.down_proj.detach().to(dtype),
+            experts_gate_up=experts["gate_up_proj"].detach().to(dtype),
+            experts_down=experts["down_proj"].detach().to(dtype),
             layer_scalar=layer.layer_scalar.detach().to(f32), head_dim=att.head_dim,
         )
 

@@ -36,6 +36,8 @@ DIFFUSION_GEMMA = register_family(ModelFamily(
     # list would quantise no layer linear at all (dgtune.models.quant)
     quant_skip_modules=("lm_head", "router.proj"),
     noise="uniform",
+    expert_parameters=("experts.gate_up_proj", "experts.down_proj"),  # [E, 2 Ie, H] and [E, H, Ie] per layer
+    shard_units=("DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer"),
     calls=__name__,  # this module: encode, decode_hidden, ... below
     fused_decoder=True,  # dgtune.sampling.fused_decoder implements its decoder layers
 ))

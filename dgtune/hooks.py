@@ -4,6 +4,7 @@ the final weights and the report. Each is a plain function on `Run`, the state o
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,10 +40,10 @@ class Run:
     env: dict = field(default_factory=dict)
     sharded: object = None  # trainer.strategy=fsdp2: the `dgtune.sharded.Sharded` whose replica `model` is
 
-    def gather(self) -> None:
-        """With sharded weights, bring the main process' replica up to date (every process calls it)."""
-        if self.sharded is not None:
-            self.sharded.sync()
+    def full_weights(self):
+        """A context in which `model` holds the current weights whole on the main process (with sharded weights:
+        the replica synced and on the device; every process enters it)."""
+        return self.sharded.full_weights() if self.sharded is not None else contextlib.nullcontext()
 
     @property
     def main(self) -> bool:
@@ -105,10 +106,10 @@ def log_step(run: Run, step: int, logs: dict, grad_norm: float, tokens: int, sec
 
 def quick_eval_point(run: Run, step: int) -> None:
     """A quick eval of the current weights (main process; a point of the learning curve); all processes wait."""
-    run.gather()
-    if run.main:
-        run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], run.cfg, run.run_dir, step,
-                                   step * run.sequences_per_step), step)
+    with run.full_weights():
+        if run.main:
+            run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], run.cfg, run.run_dir,
+                                       step, step * run.sequences_per_step), step)
     run.accelerator.wait_for_everyone()
 
 
@@ -138,35 +139,35 @@ def finish(run: Run, step: int, loss: float | None, t_start: float, evaluated: b
     config, and the full report (`eval.at_end`); returns the run's summary."""
     cfg = run.cfg
     run.state["elapsed_s"] = time.perf_counter() - t_start
-    run.gather()
-    if cfg.eval.quick_every and run.main and not evaluated:  # the learning curve's last point: the final weights
-        run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], cfg, run.run_dir, step,
-                                   step * run.sequences_per_step), step)
     precision = run.state["precision"]
     summary = {"run_dir": str(run.run_dir), "steps": step, "loss": loss, "train_minutes": run.state["elapsed_s"] / 60,
                "precision": precision}
-    if run.main:
-        save_weights(run.model, run.tokenizer, run.run_dir / "final")
-        from dgtune.export import write_generation_config
+    with run.full_weights():  # sharded runs: the replica, synced and on the device
+        if cfg.eval.quick_every and run.main and not evaluated:  # the learning curve's last point: the final weights
+            run.tracker.log(quick_eval(run.model, run.tokenizer, run.task, run.splits["val"], cfg, run.run_dir, step,
+                                       step * run.sequences_per_step), step)
+        if run.main:
+            save_weights(run.model, run.tokenizer, run.run_dir / "final")
+            from dgtune.export import write_generation_config
 
-        write_generation_config(run.run_dir / "final", cfg, run.tokenizer, run.task.canvas_length)
-        run.tracker.log({"train/minutes": summary["train_minutes"]}, step)
-        if cfg.eval.at_end:
-            from dgtune.eval.runner import run_report
-            from dgtune.sweep import validation_objective
+            write_generation_config(run.run_dir / "final", cfg, run.tokenizer, run.task.canvas_length)
+            run.tracker.log({"train/minutes": summary["train_minutes"]}, step)
+            if cfg.eval.at_end:
+                from dgtune.eval.runner import run_report
+                from dgtune.sweep import validation_objective
 
-            # what sweepers optimise: a validation figure (dgtune/sweep.py), never the test split's
-            objective = summary["objective"] = validation_objective(run.model, run.tokenizer, run.task,
-                                                                    run.splits["val"], cfg)
-            write_json(run.run_dir / "objective.json", objective)
-            run.tracker.log({"sweep/objective": objective["value"]}, step)
-            run.accelerator.print(f"[dgtune] objective: {objective['metric']}={objective['value']:.4f} "
-                                  f"({objective['n']} validation rows)")
-            summary["report"] = run_report(run.model, run.tokenizer, run.task, run.splits, cfg, run.run_dir, run.tracker,
-                                           meta={"train_minutes": round(summary["train_minutes"], 2), "train_steps": step,
-                                                 "train_precision": precision, "train_environment": run.env,
-                                                 "objective": objective})
-        run.tracker.finish()
+                # what sweepers optimise: a validation figure (dgtune/sweep.py), never the test split's
+                objective = summary["objective"] = validation_objective(run.model, run.tokenizer, run.task,
+                                                                        run.splits["val"], cfg)
+                write_json(run.run_dir / "objective.json", objective)
+                run.tracker.log({"sweep/objective": objective["value"]}, step)
+                run.accelerator.print(f"[dgtune] objective: {objective['metric']}={objective['value']:.4f} "
+                                      f"({objective['n']} validation rows)")
+                meta = {"train_minutes": round(summary["train_minutes"], 2), "train_steps": step,
+                        "train_precision": precision, "train_environment": run.env, "objective": objective}
+                summary["report"] = run_report(run.model, run.tokenizer, run.task, run.splits, cfg, run.run_dir,
+                                               run.tracker, meta=meta)
+            run.tracker.finish()
     run.accelerator.wait_for_everyone()
     report = summary.get("report")
     run.accelerator.print(f"[dgtune] done: {run.run_dir} ({step} steps, {summary['train_minutes']:.1f} min); weights: "

@@ -1,8 +1,10 @@
 """Analytic peak training memory per GPU of a dgtune LoRA step on a DiffusionGemma (no model is built).
 
 Parameters are counted exactly from the text config (`parameter_counts`, checked against `sum(p.numel())` in
-tests/test_memory_plan.py; the vision tower is not counted). Memory = weights (sharded over `gpus` with
-FSDP/ZeRO-3, plus one gathered layer) + LoRA params, fp32 grads and AdamW's two fp32 states (sharded) +
+tests/test_memory_plan.py; the vision tower is not counted). Memory = weights (sharded over `gpus` with FSDP2, plus
+one gathered layer; with `trainer.strategy=fsdp2` the tied layer weights twice under LoRA and, on the main process,
+an unsharded replica) + LoRA params, fp32 grads and AdamW's two fp32 states (sharded; every parameter's in a full
+fine-tune) +
 activations saved for backward (not sharded) + logits. Activations are counted per token and layer from the
 tensors autograd keeps (`saved_elements_per_token`; `act_scale` can rescale them, 1 = as derived); one fixed
 `overhead` (eval/bench/memory_plan.py fits it on one measured CPU setting and checks the others).
@@ -102,6 +104,19 @@ def lora_parameters(shape: TextShape, r: int, targets=DEFAULT_TARGETS) -> int:
                    for n, (a, b) in linear_shapes(shape, kind).items() if n in targets)
 
 
+def expert_lora_parameters(shape: TextShape, r: int) -> int:
+    """LoRA parameters of `lora.experts=true` (peft `target_parameters`, encoder and decoder each their own): per
+    expert and layer r (in + out) for gate_up_proj [2 Ie, H] and down_proj [H, Ie]."""
+    d, mi = shape.hidden_size, shape.moe_intermediate_size
+    return 2 * len(shape.layer_types) * shape.num_experts * r * ((d + 2 * mi) + (mi + d))
+
+
+def layer_parameters(shape: TextShape) -> int:
+    """Parameters of the layers that encoder and decoder share (everything but embedding and self-conditioning)."""
+    c = parameter_counts(shape)
+    return c["attention"] + c["dense_mlp"] + c["router"] + c["experts"] + c["norms"]
+
+
 def saved_elements_per_token(shape: TextShape, kind: str, r: int, targets=DEFAULT_TARGETS,
                              act_bytes: int = 2) -> float:
     """Elements autograd keeps per token for one layer of type `kind` (frozen base, LoRA on `targets`).
@@ -134,6 +149,10 @@ class TrainSettings:
     weight_bytes: float = 2.0  # bf16; 4 for fp32; use `four_bit_weight_bytes` for NF4
     act_bytes: int = 2  # bf16 autocast; 4 in fp32
     gpus: int = 1  # FSDP / ZeRO-3: weights, grads and optimizer states sharded over this many
+    lora_experts: bool = False  # lora.experts=true: LoRA on the routed experts too
+    full_finetune: bool = False  # lora=none: every parameter trains (grads + AdamW states for all, sharded)
+    fsdp2_eval: bool = False  # trainer.strategy=fsdp2, the main process while it evaluates: + the unsharded replica
+    fsdp2_untied: bool = False  # trainer.strategy=fsdp2 with LoRA: the tied layer weights held twice (sharded)
     extra: dict = field(default_factory=dict)
 
 
@@ -158,9 +177,19 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
     weights = (n_params * st.weight_bytes if weight_bytes_total is None else weight_bytes_total)
     largest_layer = max(sum(x * y for x, y in linear_shapes(shape, k).values()) for k in shape.layer_types) \
         + counts["experts"] / len(shape.layer_types)
-    weights = weights / st.gpus + (2 * largest_layer * st.weight_bytes if st.gpus > 1 else 0.0)  # gathered + prefetch
+    full = weights
+    if st.fsdp2_untied:  # dgtune.sharded.untie_frozen_shared: the decoder layers' own copies
+        weights = weights + layer_parameters(shape) * st.weight_bytes
+    weights = weights / st.gpus
+    if st.gpus > 1:  # sharded: one layer unit gathered + the next prefetched, and the root unit (embedding / LM head,
+        # self-conditioning MLP) gathered for the whole step
+        weights += (2 * largest_layer + counts["embedding"] + counts["self_conditioning"]) * st.weight_bytes
     n_lora = lora_parameters(shape, st.lora_r, st.targets)
+    if st.lora_experts:
+        n_lora += expert_lora_parameters(shape, st.lora_r)
     lora_params, lora_states = n_lora * a / st.gpus, n_lora * (4 + 8) / st.gpus  # fp32 grads + AdamW m, v
+    if st.full_finetune:  # no adapter: fp32 grads + AdamW m, v of every (sharded) parameter
+        lora_params, lora_states = 0.0, n_params * (4 + 8) / st.gpus
     tokens = b * s + b * l  # encoder + graded decoder pass
     per_layer = [saved_elements_per_token(shape, k, st.lora_r, st.targets, a) for k in shape.layer_types]
     cache = sum(2 * shape.attention(k)[0] * shape.attention(k)[1] for k in shape.layer_types) * b * s * a
@@ -172,6 +201,9 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
         logits = 3 * min(st.loss_chunk, b * s) * v * 4 + (b * s + 2 * b * l) * d * a
     else:
         logits = (2 * b * l + 2 * b * s + b * l + 2 * b * s) * v * 4
+    if st.fsdp2_eval:  # sampling with the replica (its activations are not modelled), no training step in flight
+        weights, acts, logits = weights - (2 * largest_layer + counts["embedding"] + counts["self_conditioning"]) \
+            * st.weight_bytes + full, 0.0, 0.0
     total = weights + lora_params + lora_states + acts + logits + overhead
     return {"weights": weights, "lora_params": lora_params, "lora_states": lora_states, "activations": acts,
             "logits": logits, "overhead": overhead, "total": total}

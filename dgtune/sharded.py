@@ -11,11 +11,13 @@ DDP: the same numbers as a 1-process run.
 Everything that reads weights outside a training step (quick evals, checkpoints, the final adapter or model, the
 end-of-run report) reads whole tensors:
 
-- `Sharded.replica`: on the main process an unsharded copy of the loss module, made before sharding; `sync()`
+- `Sharded.replica`: on the main process an unsharded copy of the loss module, made before sharding (the model is
+  loaded in host memory; `fully_shard` moves each process' shards to its device) and kept in host memory; `sync()`
   (a collective: every process calls it) gathers the trainable tensors in full (`get_model_state_dict(...,
   full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)`: for LoRA only the adapter travels) and copies
-  them into it. Sampling and saving use the replica, so a saved adapter has every tensor at full shape. Memory: the
-  main process holds one unsharded copy of the frozen weights besides its shard (`eval/memory_plan.py`).
+  them into it. Saving reads it where it is; an eval (`full_weights()`) moves it to the main process' device for the
+  eval and back. So a saved adapter has every tensor at full shape, and the main device holds the unsharded model
+  only while it samples (`eval/bench/memory_plan.py`: the FSDP2 rows).
 - Checkpoints add `trainable.safetensors` (the full trainable tensors by their names in the loss module) and save
   the optimizer's full state (`get_optimizer_state_dict(..., full_state_dict=True)`); a resume gives each process
   its shards of both (`set_model_state_dict` / `set_optimizer_state_dict`), so it continues exactly.
@@ -23,6 +25,7 @@ end-of-run report) reads whole tensors:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -46,8 +49,9 @@ class Sharded:
 
         if not unit_classes:
             raise ValueError("trainer.strategy=fsdp2: the model's family names no shard_units (its layer classes)")
-        self.main = main
-        self.replica = copy.deepcopy(module) if main else None  # [main] unsharded, for sampling and saving
+        self.main, self.device = main, torch.device(device)
+        # [main] unsharded, for sampling and saving; parked in host memory (it moves to the device only for evals)
+        self.replica = copy.deepcopy(module).to("cpu") if main else None
         mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
         untied = untie_frozen_shared(module, unit_classes)
         units = shard_groups(module, unit_classes)
@@ -84,6 +88,21 @@ class Sharded:
                 for name, value in state.items():
                     params[name].copy_(value.to(params[name].device, params[name].dtype))
         return state
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Sync the replica (collective), and on the main process move it to the training device for the block
+        (sampling runs there), back to host memory after."""
+        self.sync()
+        moved = self.replica is not None and self.device.type != "cpu"
+        if moved:
+            self.replica.to(self.device)
+        try:
+            yield self.model
+        finally:
+            if moved:
+                self.replica.to("cpu")
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimizer's state in full (keyed by parameter names), on the main process. Collective."""

@@ -114,7 +114,10 @@ def worker(args) -> dict:
     device = "cuda" if cuda else "cpu"
     batch = {k: v.to(device) for k, v in batch.items()}
     tokens = int(batch["attention_mask"].sum()) + batch["canvas"].numel()
-    cfg = ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/objective/{args.objective}.yaml")))
+    from dgtune.config import compose
+
+    # composed as dgtune.train composes it (the group files name only what differs from the schema's defaults)
+    cfg = ObjectiveConfig(**OmegaConf.to_container(compose([f"objective={args.objective}"]).objective, resolve=True))
     cfg.self_cond_p, cfg.loss_chunk = 1.0, args.chunk
 
     if cuda:

@@ -7,8 +7,9 @@
    each setting in its own subprocess through `eval/bench/bench_train.py`'s `run_row` (peak RSS minus RSS after load).
    Activations are as derived (act_scale=1); the one constant, a fixed runtime overhead (allocator, autograd/BLAS
    workspaces), is fitted on the FIRST setting only; the others are the check.
-2. Plan: the real 26B (`REAL_26B`, from dgtune/models/shaped.py's table) on 1x H100 80 GB, 1x 24 GB (4-bit) and
-   8x H100 (FSDP/ZeRO-3), LoRA r16, bf16, prompt 512, canvas 256.
+2. Plan: the real 26B (`REAL_26B`, from dgtune/models/shaped.py's table) on 1x H100 80 GB and 1x 24 GB (4-bit),
+   LoRA r16, bf16, prompt 512, canvas 256; then 8x H100 under FSDP2 (LoRA, LoRA + experts, full fine-tune; the
+   main process with its replica and the others), checked on 2 CPU processes by eval/bench/memory_fsdp2.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def step_part(pred: dict) -> float:
     return pred["activations"] + pred["logits"] + pred["lora_states"] + pred["overhead"]
 
 
+def fit_overhead() -> float:
+    """The fixed CPU runtime overhead (bytes), fitted on the first of SETTINGS as `measure` fits it."""
+    import bench_train
+
+    name, b, p, l, chunk, ckpt = SETTINGS[0]
+    args = Namespace(builder="memory_plan:build_measured_model", batch=b, prompt=p, canvas=l, steps=1, threads=1,
+                     device="cpu", objective="released", bf16=False)
+    got = bench_train.run_row(args, chunk, ckpt)["step_mib"] * MIB
+    st = TrainSettings(batch=b, prompt=p, canvas=l, loss_chunk=chunk, gradient_checkpointing=ckpt, weight_bytes=4,
+                       act_bytes=4)
+    return got - step_part(predict_memory(measured_shape(), st))
+
+
 def measure() -> float:
     """Run SETTINGS through bench_train's subprocess worker; print the comparison table; return the overhead."""
     import bench_train
@@ -96,8 +110,7 @@ def plan() -> None:
     print(f"[26B] 4-bit (NF4 on nn.Linear only): {q_all / GIB:.1f} GiB as model.quantization=4bit loads it (layer "
           f"linears quantised, {quantised_parameters(REAL_26B) / 1e9:.2f} B params; router and LM head skipped); "
           f"{q_default / GIB:.1f} GiB with transformers' default skip list (every tied key skipped)")
-    cards = [("1x H100 80GB bf16", 80, 1, None), ("1x 24GB 4-bit", 24, 1, q_all),
-             ("8x H100 FSDP/ZeRO-3", 80, 8, None)]
+    cards = [("1x H100 80GB bf16", 80, 1, None), ("1x 24GB 4-bit", 24, 1, q_all)]
     print(f"{'setup':22s} {'batch':>5s} {'ckpt':>4s} | {'weights':>8s} {'acts':>7s} {'logits':>7s} "
           f"{'lora+opt':>8s} | {'total GiB':>9s} | verdict (usable = 0.92 x card - 1 GiB context)")
     for name, card, gpus, wb in cards:
@@ -113,6 +126,29 @@ def plan() -> None:
                       f"{(pr['lora_params'] + pr['lora_states']) / GIB:8.2f} | {pr['total'] / GIB:9.1f} | {verdict}")
 
 
+def plan_fsdp2() -> None:
+    """Print the 8x H100 FSDP2 rows (`trainer.strategy=fsdp2`, dgtune/sharded.py): a training step (any process:
+    shards, a gathered layer and the gathered embedding; LoRA runs hold the tied layer weights twice, sharded; a full
+    fine-tune shards fp32 grads and AdamW states of every parameter, self_cond_p=0 there) and the main process
+    during an eval (the unsharded bf16 replica moved onto its device beside its shards and optimizer states)."""
+    print("\n[26B] 8x H100 FSDP2, prompt 512, canvas 256, loss_chunk 128, bf16 weights, checkpointing on")
+    print(f"{'setting':24s} {'phase':>11s} {'batch':>5s} | {'weights':>8s} {'acts':>7s} {'logits':>7s} "
+          f"{'train st':>8s} | {'total GiB':>9s} | verdict")
+    usable = 0.92 * 80 * 1e9 / GIB - 1
+    for name, experts, full in (("LoRA r16", False, False), ("LoRA r16 + experts", True, False),
+                                ("full fine-tune", False, True)):
+        for phase, batches in (("train step", (1, 2, 4, 8)), ("main eval", (1,))):
+            for b in batches:
+                st = TrainSettings(batch=b, prompt=512, canvas=256, loss_chunk=128, gradient_checkpointing=True,
+                                   gpus=8, lora_experts=experts, full_finetune=full, fsdp2_eval=phase == "main eval",
+                                   fsdp2_untied=not full)
+                pr = predict_memory(REAL_26B, st)
+                verdict = "FITS" if pr["total"] / GIB <= usable else "DOES NOT FIT"
+                print(f"{name:24s} {phase:>11s} {b if phase == 'train step' else '-':>5} | "
+                      f"{pr['weights'] / GIB:8.1f} {pr['activations'] / GIB:7.1f} {pr['logits'] / GIB:7.2f} "
+                      f"{(pr['lora_params'] + pr['lora_states']) / GIB:8.2f} | {pr['total'] / GIB:9.1f} | {verdict}")
+
+
 def main() -> None:
     """Measure and check (unless --skip-measure), then print the 26B plan."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +157,7 @@ def main() -> None:
     if not args.skip_measure:
         measure()
     plan()
+    plan_fsdp2()
 
 
 if __name__ == "__main__":

@@ -110,14 +110,15 @@ def plan() -> None:
     print(f"[26B] 4-bit (NF4 on nn.Linear only): {q_all / GIB:.1f} GiB as model.quantization=4bit loads it (layer "
           f"linears quantised, {quantised_parameters(REAL_26B) / 1e9:.2f} B params; router and LM head skipped); "
           f"{q_default / GIB:.1f} GiB with transformers' default skip list (every tied key skipped)")
-    cards = [("1x H100 80GB bf16", 80, 1, None), ("1x 24GB 4-bit", 24, 1, q_all)]
+    cards = [("1x H100 80GB bf16", 80, 1, None, False), ("1x H100 + expert LoRA", 80, 1, None, True),
+             ("1x 24GB 4-bit", 24, 1, q_all, False)]
     print(f"{'setup':22s} {'batch':>5s} {'ckpt':>4s} | {'weights':>8s} {'acts':>7s} {'logits':>7s} "
           f"{'lora+opt':>8s} | {'total GiB':>9s} | verdict (usable = 0.92 x card - 1 GiB context)")
-    for name, card, gpus, wb in cards:
+    for name, card, gpus, wb, experts in cards:
         for ckpt in (False, True):
             for b in (1, 2, 4, 8):
                 st = TrainSettings(batch=b, prompt=512, canvas=256, loss_chunk=128, gradient_checkpointing=ckpt,
-                                   gpus=gpus)
+                                   gpus=gpus, lora_experts=experts)
                 pr = predict_memory(REAL_26B, st, weight_bytes_total=wb)
                 usable = 0.92 * card * 1e9 / GIB - 1
                 verdict = "FITS" if pr["total"] / GIB <= usable else "DOES NOT FIT"

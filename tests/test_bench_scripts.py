@@ -6,6 +6,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval" / "bench"))
 
@@ -16,5 +17,9 @@ def test_bench_train_worker_runs_a_step(objective):
 
     args = Namespace(builder="dgtune.models.tiny:build_tiny_model", batch=2, prompt=8, canvas=24, steps=1, threads=1,
                      device="cpu", objective=objective, bf16=False, chunk=16, ckpt=False, four_bit=False)
-    out = bench_train.worker(args)
+    threads = torch.get_num_threads()
+    try:
+        out = bench_train.worker(args)  # sets torch's thread count (its own process, when the script runs it)
+    finally:
+        torch.set_num_threads(threads)  # later tests' numbers depend on it (test_long_answers did)
     assert out["tokens"] > 0 and out["step_s"] > 0 and out["peak_mib"] > 0

@@ -24,6 +24,9 @@ SHAPED = ["model=shaped26b", "model.sizes.vocab_size=4096", "model.sizes.canvas_
           "eval.steps=[2]", "eval.batch_size=4", "eval.compare_base=false", "trainer.lr=1e-3"]
 
 
+FULL = ["lora=none", "objective.self_cond_p=0", "trainer.lr=1e-3"]  # a full fine-tune keeps the tied layers grouped
+
+
 def _run(root, name, nproc, args, shaped=False):
     """Start a run of test_distributed's tiny scratch model (or, `shaped`, of the 26B-shaped model)."""
     import test_distributed as td
@@ -31,6 +34,8 @@ def _run(root, name, nproc, args, shaped=False):
     tiny = td.TINY
     if shaped:  # the scratch model's keys give way to the shaped model's
         td.TINY = [a for a in tiny if not a.startswith(("model", "eval.at_end"))] + SHAPED
+    if "lora=none" in args:
+        td.TINY = [a for a in td.TINY if not a.startswith("lora.")]
     try:
         return _start([*args, f"run_dir={name}"], root, nproc)
     finally:
@@ -40,12 +45,14 @@ def _run(root, name, nproc, args, shaped=False):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Tiny model: 'one' (1 process, plain, batch 8), 'two' (FSDP2, 2 processes x 4), 'resumed' ('two' rolled
-    back to its step-2 checkpoint and resumed). 26B-shaped model with expert LoRA, chunked loss, gradient
+    back to its step-2 checkpoint and resumed), 'full_one' / 'full_two' (the same for a full fine-tune). 26B-shaped model with expert LoRA, chunked loss, gradient
     checkpointing and the end-of-run eval: 'shaped_one' (1 process, plain, batch 4), 'shaped_two' (FSDP2, 2 x 2)."""
     root = tmp_path_factory.mktemp("fsdp2")
     fsdp = ["trainer.strategy=fsdp2"]
     out = {"one": _finish(_run(root, "one", 1, ["trainer.batch_size=8"]), 600),
            "two": _finish(_run(root, "two", 2, ["trainer.batch_size=4", *fsdp]), 600),
+           "full_one": _finish(_run(root, "full_one", 1, ["trainer.batch_size=8", *FULL]), 600),
+           "full_two": _finish(_run(root, "full_two", 2, ["trainer.batch_size=4", *FULL, *fsdp]), 600),
            "shaped_one": _finish(_run(root, "shaped_one", 1, ["trainer.batch_size=4"], True), 600),
            "shaped_two": _finish(_run(root, "shaped_two", 2, ["trainer.batch_size=2", *fsdp], True), 600)}
     for name, text in out.items():
@@ -82,6 +89,22 @@ def test_fsdp2_two_processes_equal_one(runs):
     torch.testing.assert_close(torch.tensor(loss[1]), torch.tensor(loss[0]), rtol=1e-5, atol=1e-6)
     lr = [[(m["step"], m["train/lr"]) for m in ms if "train/lr" in m] for ms in (m1, m2)]
     assert lr[0] == lr[1] and [s for s, _ in lr[0]] == list(range(1, STEPS + 1))
+
+
+def test_fsdp2_full_finetune_equals_one_process(runs):
+    """A full fine-tune (every weight trains; the tied encoder/decoder layers shard as grouped units) under FSDP2
+    saves the whole model, equal to the 1-process run's."""
+    from safetensors.torch import load_file
+
+    root, out = runs
+    a = load_file(str(root / "full_one" / "final" / "model.safetensors"))
+    b = load_file(str(root / "full_two" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].shape == a[k].shape, k
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    loss = [[m["train/loss"] for m in _metrics(root / r) if "train/loss" in m] for r in ("full_one", "full_two")]
+    torch.testing.assert_close(torch.tensor(loss[1]), torch.tensor(loss[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_shaped_model_with_expert_lora_follows_one_process(runs):

@@ -150,6 +150,32 @@ def plan_fsdp2() -> None:
                       f"{(pr['lora_params'] + pr['lora_states']) / GIB:8.2f} | {pr['total'] / GIB:9.1f} | {verdict}")
 
 
+def plan_recipe(name: str = "sudoku_26b") -> None:
+    """The 26B rows at a recipe's own sizes: its batch, chunk and checkpointing, the longest prompt of its first 200
+    training rows with the bundled tokenizer (one token per digit; the 26B's chat template adds a few more) and its
+    canvas, on 1 GPU and 8 (FSDP2)."""
+    from dgtune.config import compose
+    from dgtune.data import prompt_ids, row_prompt, splits_for
+    from dgtune.models.load import load_model
+    from dgtune.tasks import build_task
+
+    cfg = compose([f"recipe={name}", "model=tiny"])  # the tiny model's tokenizer; no 26B download
+    task = build_task(cfg.task)
+    _, tok = load_model(cfg.model)
+    prompt = max(len(prompt_ids(tok, row_prompt(r))) for r in splits_for(task, cfg)["train"][:200])
+    tc = cfg.trainer
+    print(f"\n[26B] recipe={name}: batch {tc.batch_size}, prompt {prompt}, canvas {task.canvas_length}, "
+          f"loss_chunk {cfg.objective.loss_chunk}, checkpointing {'on' if tc.gradient_checkpointing else 'off'}")
+    usable = 0.92 * 80 * 1e9 / GIB - 1
+    for gpus in (1, 8):
+        st = TrainSettings(batch=tc.batch_size, prompt=prompt, canvas=task.canvas_length,
+                           loss_chunk=cfg.objective.loss_chunk, gradient_checkpointing=tc.gradient_checkpointing,
+                           gpus=gpus, fsdp2_untied=gpus > 1)
+        pr = predict_memory(REAL_26B, st)
+        print(f"  {gpus}x H100{' FSDP2' if gpus > 1 else ''}: {pr['total'] / GIB:.1f} GiB "
+              f"(activations {pr['activations'] / GIB:.1f}) | {'FITS' if pr['total'] / GIB <= usable else 'DOES NOT FIT'}")
+
+
 def main() -> None:
     """Measure and check (unless --skip-measure), then print the 26B plan."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +185,7 @@ def main() -> None:
         measure()
     plan()
     plan_fsdp2()
+    plan_recipe()
 
 
 if __name__ == "__main__":

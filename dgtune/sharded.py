@@ -180,4 +180,5 @@ def ensure_process_group(accelerator) -> None:
     if not dist.is_initialized():
         if accelerator.num_processes != 1:
             raise RuntimeError("trainer.strategy=fsdp2: several processes but no process group")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "cpu:gloo,cuda:nccl" if accelerator.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

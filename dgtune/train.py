@@ -31,8 +31,8 @@ from dgtune.models.family import family_of
 from dgtune.models.load import load_model
 from dgtune.methods import method_class, method_name
 from dgtune.run_folder import acquire_lock, release_lock, shared_run_dir
-from dgtune.sharded import full_grad_norm_clip
 from dgtune.runtime import accelerator_session, resolve_precision
+from dgtune.sharded import full_grad_norm_clip
 from dgtune.sweep import objective_spec
 from dgtune.tasks import build_task
 from dgtune.validate import CheckpointError, check_config, check_inputs, cli_errors, quiet_third_party

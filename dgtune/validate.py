@@ -188,6 +188,9 @@ def check_config(cfg: DictConfig, sections=("trainer", "eval", "task", "sampler"
             raise ConfigError("trainer.strategy=fsdp2 with a full fine-tune (lora=none) takes objective.self_cond_p=0: "
                               "the tied encoder/decoder layers form one FSDP2 unit, which torch 2.13 cannot run twice "
                               "before backward (dgtune/sharded.py: untie_frozen_shared)")
+        if cfg.trainer.get("strategy") == "fsdp2" and cfg.model.get("quantization"):
+            raise ConfigError(f"trainer.strategy=fsdp2 does not take model.quantization={cfg.model.quantization} "
+                              "(bitsandbytes weights are not sharded by FSDP2 here): use trainer.strategy=ddp")
         if cfg.trainer.get("strategy") == "fsdp2" and cfg.method.get("name", "sft") != "sft":
             raise ConfigError(f"trainer.strategy=fsdp2 trains method=sft only (method={cfg.method.name}: its rollouts "
                               "sample the sharded model outside the loss; use trainer.strategy=ddp)")

@@ -42,3 +42,18 @@ def test_full_finetune_keeps_trainable_ties_as_one_unit(tiny):
     units = family_of(full).shard_units
     assert untie_frozen_shared(full, units) == 0  # every parameter trains: nothing is copied
     assert all(len(g) == 2 for g in shard_groups(full, units))
+
+
+def test_fsdp2_refuses_what_it_cannot_run_before_any_work():
+    import pytest
+
+    from dgtune.validate import ConfigError, check_config
+
+    base = ["task=sudoku4", "trainer.strategy=fsdp2"]
+    check_config(compose(base))  # LoRA + SFT: fine
+    for extra, words in ((["method=rl"], "method=sft only"),
+                         (["lora=none"], "objective.self_cond_p=0"),
+                         (["model=shaped26b", "model.quantization=4bit"], "model.quantization")):
+        with pytest.raises(ConfigError, match=words):
+            check_config(compose([*base, *extra]))
+    check_config(compose([*base, "lora=none", "objective.self_cond_p=0"]))

@@ -1,6 +1,7 @@
 """`trainer.strategy=fsdp2`: fully sharded data parallel training (torch's FSDP2, `fully_shard`), one shard unit per
-layer (the family profile's `shard_units`; DiffusionGemma's encoder layer i and decoder layer i share their weights
-and form one unit) and the method's loss module as the root unit.
+layer (the family profile's `shard_units`) and the method's loss module as the root unit. DiffusionGemma's encoder
+layer i and decoder layer i share their weights: with LoRA the shared (frozen) weights are copied so that each layer
+is its own unit (`untie_frozen_shared`); in a full fine-tune the pair is one grouped unit (`shard_groups`).
 
 Why `fully_shard` directly and not accelerate's FSDP plugin: accelerate 1.15 turns FSDP into DDP on CPUs (so it
 could not be proven here on 2 gloo processes) and would wrap the model, not the loss; dgtune's loss module calls the

@@ -30,3 +30,16 @@ def tiny_short():
                                   moe_intermediate_size=32, canvas_length=8)
     model.eval()
     return model, tok
+
+
+def randomise_lora_b(model, scale: float = 0.05, seed: int = 0):
+    """Give every LoRA B matrix random values (peft initialises B to zero, so a fresh adapter changes nothing);
+    returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import randomise_lora_b
 from dgtune.config import compose
 from dgtune.diffusion.model_calls import decode, encode
 from dgtune.models.shaped import build_shaped_model
@@ -25,13 +26,7 @@ def shaped():
 
 def _adapted(model, experts=True, seed=0):
     cfg = compose(["model=shaped26b", f"lora.experts={str(experts).lower()}", "lora.r=4"]).lora
-    lora = apply_lora(copy.deepcopy(model), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:  # peft initialises B to zero: make every adapter change the outputs
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return lora.eval()
+    return randomise_lora_b(apply_lora(copy.deepcopy(model), cfg), 0.1, seed).eval()
 
 
 def _logits(model, decoder=None, seed=0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomise_lora_b
 from dgtune.config import compose
 from dgtune.diffusion.model_calls import decode, encode
 from dgtune.sampling.fast import NO_MASKS, build_decoder
@@ -25,13 +26,7 @@ def _inputs(model, b=3, p=10, seed=0):
 
 
 def _lora_model(model, seed=0):
-    lora = apply_lora(copy.deepcopy(model), compose(["recipe=sudoku"]).lora)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:  # peft initialises B to zero: make the adapter change the outputs
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return lora.eval()
+    return randomise_lora_b(apply_lora(copy.deepcopy(model), compose(["recipe=sudoku"]).lora), 0.05, seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_cli import SMALL, run_cli
 
+from conftest import randomise_lora_b
 from dgtune.config import compose
 from dgtune.data import collate_train, encode_rows
 from dgtune.diffusion.loss import denoising_loss
@@ -71,13 +72,7 @@ def shaped_lora():
     model, tok = build_shaped_model(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                     head_dim=8, global_head_dim=16, intermediate_size=32, num_experts=8,
                                     top_k_experts=2, moe_intermediate_size=16, sliding_window=6, canvas_length=8)
-    lora = apply_lora(model, compose(["model=shaped26b"]).lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return lora.eval(), tok
+    return randomise_lora_b(apply_lora(model, compose(["model=shaped26b"]).lora)).eval(), tok
 
 
 def test_default_lora_targets_on_shaped_layers(shaped_lora):

@@ -60,7 +60,9 @@ def base_model_name(cfg) -> str:
         return name
     from dgtune.models.load import BUNDLED_DIR
 
-    if cfg.model.source in ("scratch", "shaped"):  # built in code by dgtune.models (no folder to name)
+    from dgtune.models.load import BUILT
+
+    if cfg.model.source in BUILT:  # built in code by dgtune.models (no folder to name)
         return f"dgtune model.source={cfg.model.source}"
     return Path(name).name if name else BUNDLED_DIR.name
 

@@ -137,7 +137,7 @@ RULES = {
     "sampler.t_min": _num(0, lo_open=True),
     "sampler.t_max": _num(0, lo_open=True),
     "lora.enabled": _bool(),
-    "model.source": _choice("bundled", "pretrained", "scratch", "shaped"),
+    "model.source": _choice("bundled", "pretrained", "scratch", "shaped", "llada_tiny"),
 }
 LORA_RULES = {"lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1, hi_open=True),
               "lora.experts": _bool()}
@@ -148,8 +148,8 @@ MODEL_KEY_SOURCES = {
     "attn_implementation": ("bundled", "pretrained"),
     "trust_remote_code": ("bundled", "pretrained"),
     "device_map": ("bundled", "pretrained"),
-    "init_seed": ("scratch", "shaped"),
-    "sizes": ("scratch", "shaped"),
+    "init_seed": ("scratch", "shaped", "llada_tiny"),
+    "sizes": ("scratch", "shaped", "llada_tiny"),
 }
 
 

@@ -134,9 +134,12 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
     explicit = apply_lora(copy.deepcopy(model), OmegaConf.merge(cfg, {"target_modules": DIFFUSION_GEMMA.lora_target_modules}))
     names = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert names(wrapped) == names(explicit) and names(wrapped)
-    other = OmegaConf.create({"architectures": ["LLaDAModelLM"], "model_type": "llada"})
-    with pytest.raises(InputError, match=r"LLaDAModelLM.*'llada'.*known: diffusion_gemma"):
+    other = OmegaConf.create({"architectures": ["DreamModel"], "model_type": "Dream"})  # no profile yet
+    with pytest.raises(InputError, match=r"DreamModel.*'Dream'.*known: ") as err:
         family_of(other)
+    assert "diffusion_gemma" in str(err.value) and "llada" in str(err.value)
+    llada = OmegaConf.create({"architectures": ["LLaDAModelLM"], "model_type": "llada"})  # LLaDA-8B's config
+    assert family_of(llada).name == "llada"
 
 
 def test_docs_recipe_lines_compose():

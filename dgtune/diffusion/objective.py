@@ -218,6 +218,32 @@ register_noise("masked", Noise(  # LLaDA / MDLM
 ))
 
 
+LLADA_EPS = 1e-3  # ML-GSAI/LLaDA GUIDELINES.md: p_mask = (1 - eps) t + eps
+
+
+def llada_mask_rate(t: torch.Tensor) -> torch.Tensor:
+    """LLaDA's masking probability p = (1 - 1e-3) t + 1e-3 of a noise level t [b] (with `objective.eps=0`,
+    dgtune's t is LLaDA's t ~ U(0, 1))."""
+    return (1 - LLADA_EPS) * t + LLADA_EPS
+
+
+def llada_token_weights(corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-position weights [b, l] of LLaDA's SFT loss: 1 / p on the masked positions, divided by each row's answer
+    length (its free canvas positions, EOS padding included: `weight` [b, l], 0 = template) and by the batch size."""
+    b = corrupted.shape[0]
+    free = torch.ones(corrupted.shape, device=corrupted.device) if weight is None else weight.float()  # [b, l]
+    w = corrupted.float() / llada_mask_rate(t)[:, None]
+    return w * free / (free.sum(-1, keepdim=True).clamp(min=1.0) * b)
+
+
+register_noise("llada", Noise(  # LLaDA's own law (GUIDELINES.md, SFT): mask rate (1 - 1e-3) t + 1e-3, weight 1 / p
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_masked(clean, llada_mask_rate(t), _need_mask(mask_id),
+                                                                       gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
+    token_weights=lambda clean, corrupted, t, weight, cfg: llada_token_weights(corrupted, t, weight),
+))
+
+
 def noise_for(cfg: ObjectiveConfig) -> Noise:
     """The `Noise` of `cfg.kind`, checked against `cfg.prediction` (a clear error naming both)."""
     if cfg.kind not in NOISES:

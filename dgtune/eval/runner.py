@@ -173,9 +173,11 @@ def run_report(model, tokenizer, task, splits, cfg, run_dir, tracker=None, meta=
     curves = {"tuned": curve("tuned", model, scfg, name)}  # name -> (records, timings)
     if cfg.eval.compare_base:
         base, ctx = _base_for(model, base_model, cfg, task)
-        # the base is sampled as it was trained (the released objective: a denoiser with self-conditioning),
-        # whatever the adapter learned
-        base_cfg = replace(scfg, prediction="denoiser", self_conditioning=True)
+        # the base is sampled as it was trained (a denoiser; with self-conditioning where its family has it, as
+        # DiffusionGemma's released objective), whatever the adapter learned
+        from dgtune.models.family import family_of
+
+        base_cfg = replace(scfg, prediction="denoiser", self_conditioning=family_of(model).self_conditioning)
         with ctx:
             curves["base"] = curve("base", base, base_cfg, name)
             if guided:  # the base through the same guide: what the rules alone give without the fine-tune

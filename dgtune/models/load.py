@@ -75,6 +75,11 @@ def check_model_files(cfg) -> None:
             raise InputError(f"model weights {f} cannot be read ({e}); restore or re-download the file") from None
 
 
+# model.source -> the builder of a model made in code (seed, **sizes) -> (model, tokenizer)
+BUILT = {"scratch": "dgtune.models.tiny:build_tiny_model", "shaped": "dgtune.models.shaped:build_shaped_model",
+         "llada_tiny": "dgtune.models.tiny_llada:build_tiny_llada"}
+
+
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
     """Build or load the model described by `configs/model/*.yaml`; returns (model, tokenizer).
 
@@ -86,11 +91,11 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     hf_logging.disable_progress_bar()
     backend = check_backend(cfg)  # fails at once where model.backend cannot run
     quantization = None if backend == "unsloth" else bnb_config(cfg.get("quantization"))  # same for bitsandbytes
-    if cfg.source in ("scratch", "shaped"):
-        if cfg.source == "scratch":
-            from dgtune.models.tiny import build_tiny_model as build
-        else:
-            from dgtune.models.shaped import build_shaped_model as build
+    if cfg.source in BUILT:  # models built in code
+        import importlib
+
+        module, fn = BUILT[cfg.source].split(":")
+        build = getattr(importlib.import_module(module), fn)
         model, tokenizer = build(seed=cfg.get("init_seed", 0), **dict(cfg.get("sizes") or {}))
         if quantization is not None:
             model = quantised_copy(model, cfg.quantization, dtype=DTYPES[cfg.get("dtype", "float32")])
@@ -104,7 +109,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     elif cfg.source == "pretrained":
         path = resolve_model_path(cfg.name_or_path)
     else:
-        raise ValueError(f"model.source must be 'bundled', 'pretrained', 'scratch' or 'shaped', got {cfg.source!r}")
+        raise ValueError(f"model.source must be 'bundled', 'pretrained' or one of {', '.join(BUILT)}, got {cfg.source!r}")
     if backend == "unsloth":
         return load_with_unsloth(path, cfg, DTYPES[cfg.get("dtype", "bfloat16")])
     trust = bool(cfg.get("trust_remote_code", False))

@@ -36,6 +36,7 @@ DIFFUSION_GEMMA = register_family(ModelFamily(
     # list would quantise no layer linear at all (dgtune.models.quant)
     quant_skip_modules=("lm_head", "router.proj"),
     noise="uniform",
+    self_conditioning=True,  # the released objective conditions on the previous pass' logits
     expert_parameters=("experts.gate_up_proj", "experts.down_proj"),  # [E, 2 Ie, H] and [E, H, Ie] per layer
     shard_units=("DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer"),
     calls=__name__,  # this module: encode, decode_hidden, ... below

@@ -106,3 +106,20 @@ def test_llada_tiny_trains_evaluates_and_exports(tmp_path):
     assert all(m["train/loss"] > 0 for m in metrics if "train/loss" in m)
     export([str(tmp_path / "run"), str(tmp_path / "out")])
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_llada_checkpoint_without_trust_remote_code_is_one_clear_error(tmp_path):
+    """LLaDA-8B-Instruct's config (its architecture and model type) in a folder: loading it without
+    `model.trust_remote_code=true` fails at once, naming the key and why."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from dgtune.errors import ConfigError
+    from dgtune.models.load import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LLaDAModelLM"], "model_type": "llada",
+                                                      "d_model": 4096, "n_layers": 32, "vocab_size": 126464}))
+    cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="llada checkpoint.*model.trust_remote_code=true"):
+        load_model(cfg)

@@ -28,6 +28,7 @@ class ModelFamily:
     noise: str = "uniform"  # the noise the family was trained with ("uniform" random tokens or "mask")
     calls: str = ""  # the module with the family's model calls (encode, decode_hidden, ...; see model_calls)
     fused_decoder: bool = False  # whether dgtune.sampling.fused_decoder implements the family's decoder
+    remote_code: bool = False  # the real checkpoints' class ships with them (`model.trust_remote_code=true` needed)
     self_conditioning: bool = False  # the family's base reads the previous step's logits (as it was trained)
     expert_parameters: tuple[str, ...] = ()  # the routed experts' 3-D parameters (`lora.experts=true` adapts them)
     shard_units: tuple[str, ...] = ()  # class names of the layers FSDP2 shards as units (`trainer.strategy=fsdp2`)

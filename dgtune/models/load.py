@@ -75,6 +75,32 @@ def check_model_files(cfg) -> None:
             raise InputError(f"model weights {f} cannot be read ({e}); restore or re-download the file") from None
 
 
+def model_config(path: str, trust: bool):
+    """The checkpoint's config. A family whose code ships with its checkpoints (`remote_code`, e.g. LLaDA) without
+    `model.trust_remote_code=true` is a ConfigError that says so, before transformers' own error."""
+    import json
+
+    from transformers import AutoConfig
+
+    if not trust:
+        local = Path(path) / "config.json"
+        raw = json.loads(local.read_text()) if local.is_file() else None
+        if raw is not None:
+            from omegaconf import OmegaConf
+
+            try:
+                fam = family_of(OmegaConf.create({k: raw.get(k) for k in ("architectures", "model_type")}))
+            except Exception:  # an unknown family: transformers' own loading says what it is
+                fam = None
+            if fam is not None and fam.remote_code:
+                from dgtune.errors import ConfigError
+
+                raise ConfigError(f"model.name_or_path={path} is a {fam.name} checkpoint, whose model code ships with "
+                                  "it and is not in transformers: run it with model.trust_remote_code=true (it "
+                                  "executes that code; read it first)")
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust)
+
+
 # model.source -> the builder of a model made in code (seed, **sizes) -> (model, tokenizer)
 BUILT = {"scratch": "dgtune.models.tiny:build_tiny_model", "shaped": "dgtune.models.shaped:build_shaped_model",
          "llada_tiny": "dgtune.models.tiny_llada:build_tiny_llada"}
@@ -85,7 +111,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
 
     `model.quantization` (null | 4bit | 8bit) loads the base through bitsandbytes (`dgtune.models.quant`);
     `model.backend=unsloth` loads it through unsloth's loader (`dgtune.models.unsloth_backend`, CUDA only)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -113,7 +139,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     if backend == "unsloth":
         return load_with_unsloth(path, cfg, DTYPES[cfg.get("dtype", "bfloat16")])
     trust = bool(cfg.get("trust_remote_code", False))
-    family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust))  # its class, skip list, ...
+    family = family_of(model_config(path, trust))  # its class, skip list, ...
     if quantization is not None:
         quantization = bnb_config(cfg.quantization, family.quant_skip_modules)
     kwargs = {"dtype": DTYPES[cfg.get("dtype", "float32")], "use_safetensors": True, "trust_remote_code": trust}

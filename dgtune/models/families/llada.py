@@ -32,6 +32,7 @@ LLADA = register_family(ModelFamily(
     model_class="AutoModel",
     lora_target_modules=r"model\.transformer\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
     noise="mask",
+    remote_code=True,  # LLaDAModelLM is not a transformers class: its modeling file ships with the checkpoint
     calls=__name__,
 ))
 

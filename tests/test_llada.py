@@ -123,3 +123,46 @@ def test_a_llada_checkpoint_without_trust_remote_code_is_one_clear_error(tmp_pat
     cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": str(tmp_path)})
     with pytest.raises(ConfigError, match="llada checkpoint.*model.trust_remote_code=true"):
         load_model(cfg)
+
+
+def _llada_generate(model, prompt, steps, gen_length, mask_id):
+    """ML-GSAI/LLaDA generate.py `generate(..., block_length=gen_length, temperature=0., cfg_scale=0.,
+    remasking='low_confidence')`, transcribed (one block; the Gumbel noise at temperature 0 leaves the logits as
+    they are): each step the k most confident masked positions take their argmax, k from `get_num_transfer_tokens`
+    (mask count // steps, the remainder one each to the first steps), confidence in float64."""
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    masked = (x[:, prompt.shape[1]:] == mask_id).sum(dim=1, keepdim=True)
+    transfer = torch.zeros(1, steps, dtype=torch.int64) + masked // steps
+    transfer[0, : int(masked % steps)] += 1
+    for i in range(steps):
+        mask_index = x == mask_id
+        logits = model(x).logits
+        x0 = torch.argmax(logits, dim=-1)
+        p = F.softmax(logits.to(torch.float64), dim=-1)
+        x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+        x0 = torch.where(mask_index, x0, x)
+        confidence = torch.where(mask_index, x0_p, -torch.inf)
+        _, select = torch.topk(confidence[0], k=int(transfer[0, i]))
+        x[0, select] = x0[0, select]
+    return x[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_sampler_equals_llada_generate_transcription(llada, steps):
+    """dgtune's sampler (`sampler=topk_confidence_mask`, temperature 1 so that its confidence is softmax(logits)'s)
+    draws LLaDA's own low-confidence remasking tokens, row by row, on the tiny LLaDA."""
+    from dgtune.sampling.config import SamplerConfig
+    from dgtune.sampling.sampler import sample
+
+    model, tok = llada
+    l = 12
+    model.config.canvas_length = l
+    prompts = torch.randint(7, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    cfg = SamplerConfig(strategy="topk_confidence", noise="mask", commit="argmax", t_min=1.0, t_max=1.0,
+                        max_steps=steps, mask_token_id=tok.mask_token_id, self_conditioning=False)
+    eos = -1  # no EOS stop: compare whole canvases
+    ours = sample(model, prompts, cfg, torch.Generator().manual_seed(0), eos, tok.pad_token_id, l).tokens
+    for i in range(prompts.shape[0]):
+        ref = _llada_generate(model, prompts[i: i + 1], steps, l, tok.mask_token_id)
+        assert torch.equal(ours[i: i + 1, :l], ref), (i, ours[i], ref)

@@ -3,16 +3,20 @@ the real checkpoint's names and what the LoRA pattern hits, dgtune's loss agains
 published SFT loss on identical draws, and train -> eval through the CLI path."""
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dgtune.config import compose
 from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.family import family_of
 from dgtune.models.tiny_llada import REAL_WEIGHT_NAMES, build_tiny_llada
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval" / "ci"))
+from llada_reference import guidelines_sft_loss, llada_generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +45,6 @@ def test_profile_names_and_lora_pattern(llada):
     lora.unload()
 
 
-def _guidelines_sft_loss(model, prompts, answers, t, u, mask_id):
-    """ML-GSAI/LLaDA GUIDELINES.md "SFT", transcribed per row (each row its own prompt length): p = (1 - 1e-3) t + 1e-3,
-    answer positions with u < p masked, CE / p over the masked positions, / the answer length, summed, / the batch.
-    t [b] and u [b, l] are the draws (the answer part of GUIDELINES' torch.rand((b, l)))."""
-    total = 0.0
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        input_ids = torch.cat([prompt, answer])[None]  # [1, p + l]
-        p_len = prompt.shape[0]
-        p_mask = (1 - 1e-3) * t[i] + 1e-3
-        masked = torch.zeros_like(input_ids, dtype=torch.bool)
-        masked[0, p_len:] = u[i] < p_mask
-        noisy = torch.where(masked, mask_id, input_ids)
-        logits = model(input_ids=noisy).logits
-        token_loss = F.cross_entropy(logits[masked], input_ids[masked], reduction="none") / p_mask
-        answer_length = input_ids.shape[1] - p_len
-        total = total + torch.sum(token_loss / answer_length)
-    return total / len(prompts)
-
-
 def test_loss_equals_llada_guidelines_transcription(llada):
     """fp32, identical draws: dgtune's `objective=llada` loss (right-padded prompts of different lengths, canvas
     positions after each prompt) equals the transcription to 1e-6."""
@@ -81,7 +66,7 @@ def test_loss_equals_llada_guidelines_transcription(llada):
     draws = torch.Generator().manual_seed(5)  # dgtune's order: t [b], then the corruption [b, l]
     t = torch.rand(b, generator=draws)
     u = torch.rand(b, l, generator=draws)
-    ref = _guidelines_sft_loss(model, prompts, answers, t, u, tok.mask_token_id)
+    ref = guidelines_sft_loss(model, prompts, answers, t, u, tok.mask_token_id)
     torch.testing.assert_close(out["loss"], ref, rtol=1e-6, atol=1e-7)
     assert float(out["loss"]) > 0
 
@@ -125,29 +110,6 @@ def test_a_llada_checkpoint_without_trust_remote_code_is_one_clear_error(tmp_pat
         load_model(cfg)
 
 
-def _llada_generate(model, prompt, steps, gen_length, mask_id):
-    """ML-GSAI/LLaDA generate.py `generate(..., block_length=gen_length, temperature=0., cfg_scale=0.,
-    remasking='low_confidence')`, transcribed (one block; the Gumbel noise at temperature 0 leaves the logits as
-    they are): each step the k most confident masked positions take their argmax, k from `get_num_transfer_tokens`
-    (mask count // steps, the remainder one each to the first steps), confidence in float64."""
-    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt
-    masked = (x[:, prompt.shape[1]:] == mask_id).sum(dim=1, keepdim=True)
-    transfer = torch.zeros(1, steps, dtype=torch.int64) + masked // steps
-    transfer[0, : int(masked % steps)] += 1
-    for i in range(steps):
-        mask_index = x == mask_id
-        logits = model(x).logits
-        x0 = torch.argmax(logits, dim=-1)
-        p = F.softmax(logits.to(torch.float64), dim=-1)
-        x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
-        x0 = torch.where(mask_index, x0, x)
-        confidence = torch.where(mask_index, x0_p, -torch.inf)
-        _, select = torch.topk(confidence[0], k=int(transfer[0, i]))
-        x[0, select] = x0[0, select]
-    return x[:, prompt.shape[1]:]
-
-
 @pytest.mark.parametrize("steps", [1, 3, 5])
 def test_sampler_equals_llada_generate_transcription(llada, steps):
     """dgtune's sampler (`sampler=topk_confidence_mask`, temperature 1 so that its confidence is softmax(logits)'s)
@@ -164,5 +126,5 @@ def test_sampler_equals_llada_generate_transcription(llada, steps):
     eos = -1  # no EOS stop: compare whole canvases
     ours = sample(model, prompts, cfg, torch.Generator().manual_seed(0), eos, tok.pad_token_id, l).tokens
     for i in range(prompts.shape[0]):
-        ref = _llada_generate(model, prompts[i: i + 1], steps, l, tok.mask_token_id)
+        ref = llada_generate(model, prompts[i: i + 1], steps, l, tok.mask_token_id)
         assert torch.equal(ours[i: i + 1, :l], ref), (i, ours[i], ref)

@@ -2,8 +2,8 @@
 
 A LLaDA is one bidirectional Transformer over prompt + answer (no encoder/decoder split, no KV cache that the
 answer reads): `encode` keeps the prompt ids as the "cache", and every denoising pass runs the whole stack over
-[prompt ; canvas], with the prompt's right padding masked out and the canvas positions continuing after each row's
-prompt (as LLaDA's own sequence numbers them). No self-conditioning, no AR co-loss: `objective=llada`.
+each row's [prompt ; canvas] laid out contiguously, padding after it (as LLaDA's SFT batches are). No
+self-conditioning, no AR co-loss: `objective=llada`.
 
 Facts (cite what the code uses):
 - names and sizes: `dgtune/models/tiny_llada.py` (LLaDA-8B-Instruct's weight names; mask id 126,336);
@@ -72,25 +72,32 @@ def decoder_context(model, cache: PromptCache, prompt_len: torch.Tensor, canvas_
 def decode_hidden(model, canvas: torch.Tensor, cache: PromptCache, self_conditioning_logits=None,
                   self_conditioning_mask=None, decoder_attention_mask=None, decoder_position_ids=None,
                   self_conditioning_embeddings=None) -> torch.Tensor:
-    """The stack over [prompt ; canvas]; returns the canvas' final-normed hidden states [b, l, d].
-    decoder_attention_mask: [b, s + l] (from `decoder_context`), or None / the sampler's no-padding marker (every
-    position attended); decoder_position_ids [b, l] or [1, l]: the canvas positions (default: after the prompt)."""
+    """The stack over each row's [prompt ; canvas], laid out as LLaDA reads a sequence: the row's p prompt tokens,
+    then its canvas at positions p .. p + l - 1, then padding (masked out); returns the canvas' final-normed hidden
+    states [b, l, d]. The row's prompt length comes from the cache's mask, so `decoder_attention_mask` and
+    `decoder_position_ids` (DiffusionGemma's decoder arguments) are not needed."""
     if self_conditioning_logits is not None or self_conditioning_embeddings is not None:
         raise ValueError("the LLaDA family has no self-conditioning: use objective.self_cond_p=0 (objective=llada)")
-    core = unwrap(model)
     b, l = canvas.shape
-    prompt = cache.input_ids
+    prompt, prompt_mask = cache.input_ids, cache.attention_mask
+    if prompt.shape[0] != b:  # one prompt batch for several canvases of the same rows
+        prompt, prompt_mask = prompt.expand(b, -1), prompt_mask.expand(b, -1)
     s = prompt.shape[1]
-    x = torch.cat([prompt.expand(b, -1) if prompt.shape[0] != b else prompt, canvas], dim=1)  # [b, s + l]
-    mask = decoder_attention_mask if isinstance(decoder_attention_mask, torch.Tensor) else None
-    if mask is None:
-        mask = torch.cat([cache.attention_mask.expand(b, -1) if cache.attention_mask.shape[0] != b
-                          else cache.attention_mask, torch.ones(b, l, dtype=torch.long, device=canvas.device)], 1)
-    pos_prompt = torch.arange(s, device=canvas.device)[None].expand(b, s)
-    if decoder_position_ids is None:
-        decoder_position_ids = mask[:, :s].sum(-1, keepdim=True) + torch.arange(l, device=canvas.device)[None]
-    positions = torch.cat([pos_prompt, decoder_position_ids.expand(b, l)], dim=1)  # [b, s + l]
-    return core.hidden(x, mask, positions)[:, s:]
+    p = prompt_mask.sum(-1)  # [b] prompt lengths
+    cols = p[:, None] + torch.arange(l, device=canvas.device)[None, :]  # [b, l] the canvas' positions
+    x = torch.cat([prompt * prompt_mask, torch.zeros_like(canvas)], dim=1)  # [b, s + l]
+    x = x.scatter(1, cols, canvas)
+    mask = (torch.arange(s + l, device=canvas.device)[None, :] < (p + l)[:, None]).long()  # [b, s + l]
+    hidden = _final_hidden(unwrap(model), x, mask)  # [b, s + l, d]
+    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _final_hidden(core, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states [b, s, d]: the tiny LLaDA's `hidden`, or the checkpoint's forward with
+    `output_hidden_states` (LLaDA's modeling appends the state after `ln_f` last, as transformers does)."""
+    if hasattr(core, "hidden"):
+        return core.hidden(x, mask)
+    return core(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,12 @@ TINY = ["model=scratch", "model.sizes.hidden_size=32", "model.sizes.num_hidden_l
         "trainer.device=cpu", "trainer.mixed_precision=no", "eval.at_end=false", "eval.quick_every=0", "logger=none"]
 
 
-def _start(args, cwd, nproc):
+def _start(args, cwd, nproc, base=None):
+    """Start `dgtune.train` on `nproc` processes with the `base` overrides (TINY by default), then `args`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "dgtune.train", *TINY, *args]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "dgtune.train", *(TINY if base is None else base),
+           *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

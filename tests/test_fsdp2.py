@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from test_distributed import _finish, _start
+from test_distributed import TINY, _finish, _start
 
 pytestmark = pytest.mark.slow  # several processes through torchrun
 
@@ -29,17 +29,12 @@ FULL = ["lora=none", "objective.self_cond_p=0", "trainer.lr=1e-3"]  # a full fin
 
 def _run(root, name, nproc, args, shaped=False):
     """Start a run of test_distributed's tiny scratch model (or, `shaped`, of the 26B-shaped model)."""
-    import test_distributed as td
-
-    tiny = td.TINY
+    base = TINY
     if shaped:  # the scratch model's keys give way to the shaped model's
-        td.TINY = [a for a in tiny if not a.startswith(("model", "eval.at_end"))] + SHAPED
+        base = [a for a in base if not a.startswith(("model", "eval.at_end"))] + SHAPED
     if "lora=none" in args:
-        td.TINY = [a for a in td.TINY if not a.startswith("lora.")]
-    try:
-        return _start([*args, f"run_dir={name}"], root, nproc)
-    finally:
-        td.TINY = tiny
+        base = [a for a in base if not a.startswith("lora.")]
+    return _start([*args, f"run_dir={name}"], root, nproc, base)
 
 
 @pytest.fixture(scope="module")

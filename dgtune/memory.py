@@ -181,9 +181,11 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
     if st.fsdp2_untied:  # dgtune.sharded.untie_frozen_shared: the decoder layers' own copies
         weights = weights + layer_parameters(shape) * st.weight_bytes
     weights = weights / st.gpus
-    if st.gpus > 1:  # sharded: one layer unit gathered + the next prefetched, and the root unit (embedding / LM head,
-        # self-conditioning MLP) gathered for the whole step
-        weights += (2 * largest_layer + counts["embedding"] + counts["self_conditioning"]) * st.weight_bytes
+    # sharded: one layer unit gathered + the next prefetched, and the root unit (embedding / LM head,
+    # self-conditioning MLP) gathered for the whole step
+    gathered = (2 * largest_layer + counts["embedding"] + counts["self_conditioning"]) * st.weight_bytes \
+        if st.gpus > 1 else 0.0
+    weights += gathered
     n_lora = lora_parameters(shape, st.lora_r, st.targets)
     if st.lora_experts:
         n_lora += expert_lora_parameters(shape, st.lora_r)
@@ -202,8 +204,7 @@ def predict_memory(shape: TextShape, st: TrainSettings, act_scale: float = 1.0,
     else:
         logits = (2 * b * l + 2 * b * s + b * l + 2 * b * s) * v * 4
     if st.fsdp2_eval:  # sampling with the replica (its activations are not modelled), no training step in flight
-        weights, acts, logits = weights - (2 * largest_layer + counts["embedding"] + counts["self_conditioning"]) \
-            * st.weight_bytes + full, 0.0, 0.0
+        weights, acts, logits = weights - gathered + full, 0.0, 0.0
     total = weights + lora_params + lora_states + acts + logits + overhead
     return {"weights": weights, "lora_params": lora_params, "lora_states": lora_states, "activations": acts,
             "logits": logits, "overhead": overhead, "total": total}

@@ -94,9 +94,9 @@ def predict(kind: str, main: bool, overhead_mib: float) -> dict:
                        fsdp2_untied=kind != "full")
     pr = predict_memory(shape, st, overhead=overhead_mib * MIB)
     n = sum(parameter_counts(shape).values())
-    resident = ((n + (layer_parameters(shape) if st.fsdp2_untied else 0)) * 4) / 2 + pr["lora_params"] \
-        + (n * 4 + pr["lora_params"] * 2 if main else 0)
-    gathered = pr["weights"] - (n + (layer_parameters(shape) if st.fsdp2_untied else 0)) * 4 / 2
+    shards = (n + (layer_parameters(shape) if st.fsdp2_untied else 0)) * 4 / 2  # this process' half, untied copies in
+    resident = shards + pr["lora_params"] + (n * 4 + pr["lora_params"] * 2 if main else 0)
+    gathered = pr["weights"] - shards
     return {"weights_mib": resident / MIB, "step_mib": (step_part(pr) + gathered) / MIB}
 
 

@@ -60,7 +60,7 @@ def base_model_name(cfg) -> str:
         return name
     from dgtune.models.load import BUNDLED_DIR
 
-    from dgtune.models.load import BUILT
+    from dgtune.models.built import BUILT
 
     if cfg.model.source in BUILT:  # built in code by dgtune.models (no folder to name)
         return f"dgtune model.source={cfg.model.source}"

@@ -16,7 +16,8 @@ import sys
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgtune.runtime import PRECISIONS
-from dgtune.sampling.strategies import STRATEGIES
+from dgtune.models.built import BUILT
+from dgtune.sampling.strategies import SCHEDULES, STRATEGIES
 
 
 # The error classes live in dgtune.errors (no import circle); they are re-exported here for existing imports.
@@ -127,6 +128,7 @@ RULES = {
     "sampler.mode": _choice("reference", "fast"),
     "sampler.noise": _choice("uniform", "mask"),
     "sampler.commit": _choice("sample", "argmax"),
+    "sampler.schedule": _choice(*SCHEDULES),
     "sampler.last_step": _choice("argmax", "sample"),
     "sampler.prediction": _choice("denoiser", "mean_loo"),
     "sampler.decoder": _choice("auto", "fused", "transformers"),
@@ -137,7 +139,7 @@ RULES = {
     "sampler.t_min": _num(0, lo_open=True),
     "sampler.t_max": _num(0, lo_open=True),
     "lora.enabled": _bool(),
-    "model.source": _choice("bundled", "pretrained", "scratch", "shaped", "llada_tiny"),
+    "model.source": _choice("bundled", "pretrained", *BUILT),
 }
 LORA_RULES = {"lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1, hi_open=True),
               "lora.experts": _bool()}
@@ -148,8 +150,8 @@ MODEL_KEY_SOURCES = {
     "attn_implementation": ("bundled", "pretrained"),
     "trust_remote_code": ("bundled", "pretrained"),
     "device_map": ("bundled", "pretrained"),
-    "init_seed": ("scratch", "shaped", "llada_tiny"),
-    "sizes": ("scratch", "shaped", "llada_tiny"),
+    "init_seed": tuple(BUILT),
+    "sizes": tuple(BUILT),
 }
 
 

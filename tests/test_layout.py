@@ -134,12 +134,14 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
     explicit = apply_lora(copy.deepcopy(model), OmegaConf.merge(cfg, {"target_modules": DIFFUSION_GEMMA.lora_target_modules}))
     names = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert names(wrapped) == names(explicit) and names(wrapped)
-    other = OmegaConf.create({"architectures": ["DreamModel"], "model_type": "Dream"})  # no profile yet
-    with pytest.raises(InputError, match=r"DreamModel.*'Dream'.*known: ") as err:
+    other = OmegaConf.create({"architectures": ["SDARForCausalLM"], "model_type": "sdar"})  # no profile yet
+    with pytest.raises(InputError, match=r"SDARForCausalLM.*'sdar'.*known: ") as err:
         family_of(other)
-    assert "diffusion_gemma" in str(err.value) and "llada" in str(err.value)
+    assert all(f in str(err.value) for f in ("diffusion_gemma", "llada", "dream"))
     llada = OmegaConf.create({"architectures": ["LLaDAModelLM"], "model_type": "llada"})  # LLaDA-8B's config
     assert family_of(llada).name == "llada"
+    dream = OmegaConf.create({"architectures": ["DreamModel"], "model_type": "Dream"})  # Dream-v0's config
+    assert family_of(dream).name == "dream"
 
 
 def test_docs_recipe_lines_compose():

@@ -180,12 +180,14 @@ class Noise:
     self-conditioning pass with `sc_noise_gap`); `token_weights(clean, corrupted, t, weight, cfg) -> [b, l]` the
     per-position weights of the canvas cross-entropy (the loss is their weighted sum; `weight` [b, l]: 0 = template
     position); `predictions`: the decoder outputs it supports ("mean_loo" reads the output as a leave-one-out
-    posterior and needs uniform noise)."""
+    posterior and needs uniform noise); `absorbing`: it corrupts to [MASK] (what the RL likelihood estimates of
+    `dgtune.rl.likelihood` corrupt with, at their own levels)."""
 
     corrupt: Callable
     replacement: Callable
     token_weights: Callable
     predictions: tuple[str, ...] = ("denoiser",)
+    absorbing: bool = True
 
 
 NOISES: dict[str, Noise] = {}  # objective.kind -> Noise
@@ -209,6 +211,7 @@ register_noise("uniform", Noise(  # the released DiffusionGemma recipe
                                                                  device=clean.device),
     token_weights=lambda clean, corrupted, t, weight, cfg: flat_token_weights(clean, weight),
     predictions=("denoiser", "mean_loo"),
+    absorbing=False,
 ))
 register_noise("masked", Noise(  # LLaDA / MDLM
     corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_masked(clean, t, _need_mask(mask_id), gen, keep),
@@ -241,6 +244,22 @@ register_noise("llada", Noise(  # LLaDA's own law (GUIDELINES.md, SFT): mask rat
                                                                        gen, keep),
     replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
     token_weights=lambda clean, corrupted, t, weight, cfg: llada_token_weights(corrupted, t, weight),
+))
+
+
+def dream_token_weights(corrupted: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-position weights [b, l] of Dream's SFT loss: 1 / t on the masked positions (t ~ U(0, 1), the mask rate
+    itself), divided by the number of masked positions in the batch (DreamLM/DreamOn
+    `src/trainer/fsdp_sft_expand_trainer.py`, `time_reweighting=original`: `1 / t`, then the sum over the loss mask
+    / its count). A row drawn at t = 0 has no masked position and weight 0."""
+    w = torch.where(corrupted, 1.0 / t[:, None], torch.zeros((), device=t.device))  # [b, l]
+    return w / corrupted.sum().clamp(min=1)
+
+
+register_noise("dream", Noise(  # Dream's law: mask rate t ~ U(0, 1), weight 1 / t, / the batch's masked count
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_masked(clean, t, _need_mask(mask_id), gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
+    token_weights=lambda clean, corrupted, t, weight, cfg: dream_token_weights(corrupted, t),
 ))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dgtune.errors import InputError, ModelNotAvailableError
+from dgtune.models.built import BUILT
 from dgtune.models.family import family_of
 from dgtune.models.quant import bnb_config, default_device_map, quantised_copy
 from dgtune.models.unsloth_backend import check_backend, load_with_unsloth
@@ -99,11 +100,6 @@ def model_config(path: str, trust: bool):
                                   "it and is not in transformers: run it with model.trust_remote_code=true (it "
                                   "executes that code; read it first)")
     return AutoConfig.from_pretrained(path, trust_remote_code=trust)
-
-
-# model.source -> the builder of a model made in code (seed, **sizes) -> (model, tokenizer)
-BUILT = {"scratch": "dgtune.models.tiny:build_tiny_model", "shaped": "dgtune.models.shaped:build_shaped_model",
-         "llada_tiny": "dgtune.models.tiny_llada:build_tiny_llada"}
 
 
 def load_model(cfg) -> tuple[torch.nn.Module, object]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from dgtune.diffusion.model_calls import (decode_hidden, decoder_context, embedding_dtype, encode, lm_logits,
                                          training_cache)
-from dgtune.diffusion.objective import loo_to_denoiser_logits
+from dgtune.diffusion.objective import NOISES, loo_to_denoiser_logits
 from dgtune.sampling import rng
 
 NOISE_DRAW, TOKEN_DRAW, LEVEL_DRAW, PROMPT_DRAW, PROMPT_TOKEN_DRAW = 11, 12, 13, 14, 15  # rng purposes
@@ -129,16 +129,16 @@ class Completions:
 def _corrupt(tokens: torch.Tensor, rate: torch.Tensor, keys: torch.Tensor, kind: str, vocab_size: int,
              mask_id: int | None, protect: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [b, n] with each position replaced with probability rate [b] (keys [b]: the rows' keys of this
-    draw): a uniform random token (kind "uniform") or `mask_id` ("masked"); `protect` [b, n] positions never change.
-    Returns (noisy [b, n], corrupted [b, n] bool)."""
+    draw): a uniform random token (kind "uniform") or `mask_id` (an absorbing kind: masked, llada, dream);
+    `protect` [b, n] positions never change. Returns (noisy [b, n], corrupted [b, n] bool)."""
     n = tokens.shape[1]
     u = rng.uniform(rng.position_keys(rng.fold(keys, NOISE_DRAW), n))  # [b, n]
     corrupted = u < rate[:, None]
     if protect is not None:
         corrupted = corrupted & ~protect
-    if kind == "masked":
+    if NOISES[kind].absorbing:
         if mask_id is None:
-            raise ValueError("objective.kind=masked needs a tokenizer with a mask token")
+            raise ValueError(f"objective.kind={kind} needs a tokenizer with a mask token")
         repl = torch.full_like(tokens, mask_id)
     else:
         repl = rng.randint(rng.position_keys(rng.fold(keys, TOKEN_DRAW), n), vocab_size)  # [b, n]
@@ -193,7 +193,7 @@ def elbo(model, batch: Completions, objective, vocab_size: int, mask_id: int | N
         noisy, corrupted = _corrupt(batch.canvas, t, rng.fold(keys, d), objective.kind, vocab_size, mask_id,
                                     batch.keep)
         logp = _token_logp(model, batch, batch.input_ids, noisy, t, objective.prediction)  # [b, l]
-        if objective.kind == "masked":
+        if NOISES[objective.kind].absorbing:  # the MDLM bound at the estimator's own levels
             logp = logp * corrupted.float() / t.clamp(min=objective.t_min_weight)[:, None]
         total = total + logp
     return total / draws

@@ -32,6 +32,9 @@ class SamplerConfig:
     noise: str = "uniform"  # "uniform" (renoise with random tokens) | "mask" (absorbing [MASK] noise)
     mask_token_id: int | None = None  # for noise="mask" (default: the model config's mask_token_id)
     threshold: float = 0.9  # strategy "threshold": commit positions with max-prob > threshold
+    # top-k strategies' counts per step: "even" (ceil(uncommitted / steps left), LLaDA's) | "dream" (Dream's
+    # int(uncommitted (1 - s / t)) on linspace(1, 1e-3, steps + 1), the rest at the last step)
+    schedule: str = "even"
     commit: str = "sample"  # committed strategies commit the sampled token ("sample") or the argmax ("argmax")
     # what a non-committing strategy (entropy_bound) outputs when a row stops: the argmax canvas ("argmax", as
     # generate()) or the sampled one ("sample": every output token a random draw, the stochastic policy RL rollouts

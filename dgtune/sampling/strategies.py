@@ -3,8 +3,9 @@
 - `entropy_bound` (DiffusionGemma): accept the lowest-entropy sampled tokens while sum(H) - max(H) <= bound,
   renoise the rest; nothing stays committed; rows stop adaptively (stable argmax and mean entropy below a threshold).
 - `topk_confidence` / `topk_margin` / `topk_entropy` / `topk_random` (LLaDA-style fixed schedule): commit
-  k = ceil(uncommitted / steps left) uncommitted positions per step, by highest max-probability / largest top1-top2
-  margin / lowest entropy / random order; all positions are committed after the last step.
+  k uncommitted positions per step (`schedule`: "even", k = ceil(uncommitted / steps left), LLaDA's counts;
+  "dream", Dream's), by highest max-probability / largest top1-top2 margin / lowest entropy / random order; all
+  positions are committed after the last step.
 - `threshold` (Fast-dLLM): commit every uncommitted position whose max-probability exceeds `threshold`, and at
   least the most confident one per step; a row stops when all its positions are committed.
 
@@ -71,6 +72,8 @@ def check_strategy(cfg) -> None:
         raise ValueError(f"sampler noise must be 'uniform' or 'mask', got {cfg.noise!r}")
     if cfg.commit not in ("sample", "argmax"):
         raise ValueError(f"sampler commit must be 'sample' or 'argmax', got {cfg.commit!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown sampler schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if cfg.last_step not in ("argmax", "sample"):
         raise ValueError(f"sampler last_step must be 'argmax' or 'sample', got {cfg.last_step!r}")
 
@@ -104,11 +107,38 @@ def entropy_bound(cfg, stats, free, steps_left, score_keys):
     return entropy_bound_accept(stats.entropy, cfg.entropy_bound)
 
 
+SCHEDULES: dict[str, Callable] = {}  # sampler.schedule -> (remaining [b], steps_left, max_steps) -> k [b]
+
+
+def even_schedule(remaining: torch.Tensor, steps_left: int, max_steps: int) -> torch.Tensor:
+    """k = ceil(remaining / steps left): the same counts as LLaDA's `get_num_transfer_tokens` (n // steps each, the
+    remainder one each to the first steps)."""
+    return (remaining + steps_left - 1) // steps_left
+
+
+DREAM_EPS = 1e-3  # Dream's generation_config.eps: its timesteps run linspace(1, eps, steps + 1)
+
+
+def dream_schedule(remaining: torch.Tensor, steps_left: int, max_steps: int) -> torch.Tensor:
+    """Dream's counts (`generation_utils.py` `_sample`): at step i, with t, s = timesteps i and i + 1 of
+    linspace(1, 1e-3, steps + 1) in float32, k = int(remaining * (1 - s / t)); the last step takes the rest.
+    (Dream counts the batch's mean of masked positions; per row here, the same where rows start alike.)"""
+    if steps_left == 1:
+        return remaining
+    ts = torch.linspace(1, DREAM_EPS, max_steps + 1)  # float32, as Dream's
+    i = max_steps - steps_left
+    return (remaining.float() * (1 - ts[i + 1] / ts[i]).to(remaining.device)).long()
+
+
+SCHEDULES.update(even=even_schedule, dream=dream_schedule)
+
+
 def _topk(score: Callable):
-    """A fixed-schedule strategy: commit k = ceil(uncommitted / steps left) free positions, highest `score` first."""
+    """A fixed-schedule strategy: commit k free positions (`sampler.schedule`: even = ceil(uncommitted / steps
+    left), dream = Dream's), highest `score` first."""
 
     def select(cfg, stats, free, steps_left, score_keys):
-        k = (free.sum(-1) + steps_left - 1) // steps_left  # ceil(remaining / steps left) [b]
+        k = SCHEDULES[cfg.schedule](free.sum(-1), steps_left, cfg.max_steps)  # [b]
         return select_topk(score(stats, score_keys), free, k)
 
     return select

@@ -1,9 +1,9 @@
 """LLaDA (GSAI-ML/LLaDA-8B-Instruct and its kin): the family profile and its model calls.
 
-A LLaDA is one bidirectional Transformer over prompt + answer (no encoder/decoder split, no KV cache that the
-answer reads): `encode` keeps the prompt ids as the "cache", and every denoising pass runs the whole stack over
-each row's [prompt ; canvas] laid out contiguously, padding after it (as LLaDA's SFT batches are). No
-self-conditioning, no AR co-loss: `objective=llada`.
+A LLaDA is one bidirectional Transformer over prompt + answer: the calls it shares with the other one-stack
+families are in `one_stack.py` (every denoising pass runs the whole stack over each row's [prompt ; canvas] laid
+out contiguously, padding after it, as LLaDA's SFT batches are). No self-conditioning, no AR co-loss:
+`objective=llada`.
 
 Facts (cite what the code uses):
 - names and sizes: `dgtune/models/tiny_llada.py` (LLaDA-8B-Instruct's weight names; mask id 126,336);
@@ -18,12 +18,17 @@ The real checkpoints load only with `model.trust_remote_code=true` (their class 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.models.family import ModelFamily, register_family
+from dgtune.models.families.one_stack import (  # noqa: F401 (calls this family shares: model_calls reads them here)
+    PromptCache, canvas_hidden, decoder_context, encode, encoder_layers, has_sliding_layers, no_self_conditioning,
+    training_cache)
+
+__all__ = ["LLADA", "PromptCache", "encode", "training_cache", "decoder_context", "decode_hidden", "lm_logits",
+           "lm_head_weight", "self_conditioning_embeddings", "has_sliding_layers", "embedding_dtype", "vocab_size",
+           "encoder_layers"]  # the family's model calls (`dgtune.diffusion.model_calls` reads them here)
 
 LLADA = register_family(ModelFamily(
     name="llada",
@@ -37,59 +42,16 @@ LLADA = register_family(ModelFamily(
 ))
 
 
-@dataclass
-class PromptCache:
-    """What `encode` keeps of a prompt batch: ids [b, s] and attention mask [b, s] (right-padded)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def get_seq_length(self) -> int:
-        """The prompt columns."""
-        return self.input_ids.shape[1]
-
-
-def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, position_ids=None):
-    """(PromptCache, None): a LLaDA has no separate encoder pass; the prompt is read again with each canvas."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return PromptCache(input_ids, attention_mask), None
-
-
-def training_cache(model):
-    """None: nothing to prepare."""
-    return None
-
-
-def decoder_context(model, cache: PromptCache, prompt_len: torch.Tensor, canvas_length: int):
-    """(cache, attention mask [b, s + l]): each row's prompt tokens and the whole canvas."""
-    s = cache.get_seq_length()
-    cols = torch.arange(s, device=prompt_len.device)[None, :] < prompt_len[:, None]  # [b, s]
-    canvas = torch.ones(prompt_len.shape[0], canvas_length, dtype=torch.bool, device=prompt_len.device)
-    return cache, torch.cat([cols, canvas], dim=1).long()
-
-
 def decode_hidden(model, canvas: torch.Tensor, cache: PromptCache, self_conditioning_logits=None,
                   self_conditioning_mask=None, decoder_attention_mask=None, decoder_position_ids=None,
                   self_conditioning_embeddings=None) -> torch.Tensor:
-    """The stack over each row's [prompt ; canvas], laid out as LLaDA reads a sequence: the row's p prompt tokens,
-    then its canvas at positions p .. p + l - 1, then padding (masked out); returns the canvas' final-normed hidden
-    states [b, l, d]. The row's prompt length comes from the cache's mask, so `decoder_attention_mask` and
-    `decoder_position_ids` (DiffusionGemma's decoder arguments) are not needed."""
+    """The stack over each row's [prompt ; canvas] (`one_stack.canvas_hidden`, no shift: position i's own state
+    predicts token i); returns the canvas' final-normed hidden states [b, l, d]. The row's prompt length comes from
+    the cache's mask, so `decoder_attention_mask` and `decoder_position_ids` (DiffusionGemma's decoder arguments)
+    are not needed."""
     if self_conditioning_logits is not None or self_conditioning_embeddings is not None:
-        raise ValueError("the LLaDA family has no self-conditioning: use objective.self_cond_p=0 (objective=llada)")
-    b, l = canvas.shape
-    prompt, prompt_mask = cache.input_ids, cache.attention_mask
-    if prompt.shape[0] != b:  # one prompt batch for several canvases of the same rows
-        prompt, prompt_mask = prompt.expand(b, -1), prompt_mask.expand(b, -1)
-    s = prompt.shape[1]
-    p = prompt_mask.sum(-1)  # [b] prompt lengths
-    cols = p[:, None] + torch.arange(l, device=canvas.device)[None, :]  # [b, l] the canvas' positions
-    x = torch.cat([prompt * prompt_mask, torch.zeros_like(canvas)], dim=1)  # [b, s + l]
-    x = x.scatter(1, cols, canvas)
-    mask = (torch.arange(s + l, device=canvas.device)[None, :] < (p + l)[:, None]).long()  # [b, s + l]
-    hidden = _final_hidden(unwrap(model), x, mask)  # [b, s + l, d]
-    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+        raise no_self_conditioning("LLaDA", "llada")
+    return canvas_hidden(lambda x, mask: _final_hidden(unwrap(model), x, mask), canvas, cache, shift=0)
 
 
 def _final_hidden(core, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,12 +74,7 @@ def lm_head_weight(model) -> tuple[torch.Tensor, float | None]:
 
 def self_conditioning_embeddings(model, hidden, mask, chunk, loo=None):
     """The family has no self-conditioning."""
-    raise ValueError("the LLaDA family has no self-conditioning: use objective.self_cond_p=0 (objective=llada)")
-
-
-def has_sliding_layers(model) -> bool:
-    """No sliding-window layers."""
-    return False
+    raise no_self_conditioning("LLaDA", "llada")
 
 
 def embedding_dtype(model) -> torch.dtype:
@@ -128,8 +85,3 @@ def embedding_dtype(model) -> torch.dtype:
 def vocab_size(model) -> int:
     """The output vocabulary."""
     return unwrap(model).config.vocab_size
-
-
-def encoder_layers(model) -> list:
-    """No encoder layers of its own (gradient checkpointing is not wired for this family yet)."""
-    return []

@@ -179,7 +179,8 @@ class RL:
 
     def describe(self) -> str:
         """What it trains on, for the start-up line."""
-        return (f"rl={self.objective}/{self.estimator} prompts={len(self.prompts)} group={self.group_size} "
+        how = self.objective if self.rft else f"{self.objective}/{self.estimator}"  # rft reads no estimator
+        return (f"rl={how} prompts={len(self.prompts)} group={self.group_size} "
                 f"rollout_steps={self.sampler.max_steps}")
 
     def estimate(self, model, batch: Completions, seed_offset: int = 0) -> torch.Tensor:

@@ -359,3 +359,29 @@ def test_rft_trains_the_approved_rows_only_scaled_by_their_share(tmp_path):
     torch.testing.assert_close(out["loss"], expect["loss"] * 0.5)
     method.rewarder = lambda row, text: (0.0, {})
     assert float(method.module(method._rollouts(1, torch.device("cpu"), None))["loss"]) == 0.0
+
+
+@pytest.mark.trains
+@pytest.mark.parametrize("family", [["model=llada_tiny", "objective=llada", "sampler=topk_confidence_mask"],
+                                    ["model=dream_tiny", "objective=dream", "sampler=dream_entropy"]],
+                         ids=["llada", "dream"])  # the rollouts commit sampled tokens: argmax groups would be flat
+def test_rl_objectives_run_on_the_one_stack_families(tmp_path, monkeypatch, family):
+    """GRPO with d1's one-pass estimate (whose corruption is [MASK] for these families' objectives), GRPO with the
+    sampler's own trajectory and rft each take 3 steps on the tiny LLaDA and the
+    tiny Dream (model sizes shrunk): finite losses, the rollouts' rewards logged, the adapter moved."""
+    from safetensors.torch import load_file
+
+    from dgtune.train import train
+
+    fn = _reward_module(monkeypatch)
+    small = ["model.sizes.num_hidden_layers=2" if "dream" in family[0] else "model.sizes.n_layers=2"]
+    family = [*family, "sampler.commit=sample"]
+    for name, extra in (("one_pass", []), ("trajectory", ["method.estimator=trajectory"]),
+                        ("rft", ["method.objective=rft", "method.rft_min_reward=0.01", "method.group_size=1"])):
+        run = tmp_path / name
+        train(_rl_cfg(tmp_path, name, *family, *small, f"method.reward_fn={fn}", "trainer.max_steps=3", *extra))
+        metrics = _metrics(run)
+        assert len(metrics) == 3 and all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics), name
+        assert all("train/reward" in m for m in metrics)
+        adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
+        assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k), name

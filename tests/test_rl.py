@@ -385,3 +385,16 @@ def test_rl_objectives_run_on_the_one_stack_families(tmp_path, monkeypatch, fami
         assert all("train/reward" in m for m in metrics)
         adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
         assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k), name
+
+
+def test_approved_rows_are_this_process_slice_of_every_process_approvals():
+    """rft's loss batch on one process: the approved rows in order and the slice of them that is the process'
+    own; with nothing approved, one row with no slice (its loss is scaled by 0)."""
+    from dgtune.rl.method import approved_rows
+
+    tok = types.SimpleNamespace(pad_token_id=0)
+    batch = _completions(tok, n=3)
+    sub, rows = approved_rows(batch, torch.tensor([0.5, 0.0, 1.0]), 0.5, None, 0)
+    assert torch.equal(sub.canvas, batch.canvas[[0, 2]]) and rows == slice(0, 2)
+    sub, rows = approved_rows(batch, torch.tensor([0.0, 0.0, 0.0]), 0.5, None, 0)
+    assert sub.canvas.shape[0] == 1 and rows is None

@@ -47,3 +47,31 @@ def test_two_process_rl_equals_one_process(tmp_path):
     for k in a:  # the estimates of 8 rows and of 16 differ in the last bits (matmul shapes); Adam (lr 1e-2) scales
         # a near-zero gradient element up, so one adapter value of 128 differed by 7e-6 (relative 5e-4)
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
+def test_two_process_rft_equals_one_process(tmp_path):
+    """`method.objective=rft` (the recipe's objective): the approved completions of both processes are gathered and
+    the denoising loss draws its noise for all of them, each process training its own slice, so the 2-process run
+    (4 rows each) ends with the adapter of the 1-process run (8 rows) and logs the same rewards."""
+    (tmp_path / "rl_reward_mod.py").write_text(REWARD)
+    out = _finish(_start(["trainer.batch_size=8", "run_dir=sft"], tmp_path, 1))
+    assert not out.startswith("FAILED"), out
+    rl = ["method=rl", "init_from=sft", "method.objective=rft", "method.group_size=1", "method.rft_min_reward=0.1",
+          "method.rollout_steps=2", "trainer.max_steps=3", "trainer.ckpt_every=100",
+          "method.reward_fn=rl_reward_mod:share_of_one"]
+    one = _start([*rl, "trainer.batch_size=8", "run_dir=one"], tmp_path, 1)
+    two = _start([*rl, "trainer.batch_size=4", "run_dir=two"], tmp_path, 2)
+    out_one, out_two = _finish(one), _finish(two)
+    assert not out_one.startswith("FAILED"), out_one
+    assert not out_two.startswith("FAILED"), out_two
+    from safetensors.torch import load_file
+
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if "train/reward" in x]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "train/reward" in x]
+    assert [round(m["train/reward"], 5) for m in m1] == [round(m["train/reward"], 5) for m in m2]  # same rollouts
+    assert all(0 < m["train/approved"] < 1 for m in m1), m1  # some rows approved, some not: the slices matter
+    a = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)

@@ -93,7 +93,7 @@ def vocab_size(model) -> int:
 
 
 def encoder_layers(model) -> list:
-    """The encoder's transformer layers (gradient checkpointing wraps each)."""
+    """The layers dgtune checkpoints itself (DiffusionGemma: the encoder's; a one-stack family: every layer)."""
     return family_calls(model).encoder_layers(model)
 
 

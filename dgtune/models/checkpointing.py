@@ -1,4 +1,5 @@
-"""Gradient (activation) checkpointing of DiffusionGemma's encoder and decoder layers (`trainer.gradient_checkpointing`).
+"""Gradient (activation) checkpointing (`trainer.gradient_checkpointing`): DiffusionGemma's encoder and decoder
+layers, and every layer of a one-stack family (LLaDA, Dream: no cache, a plain non-reentrant checkpoint each).
 
 The decoder layers are transformers' `GradientCheckpointingLayer`s (they only read the KV cache), so transformers'
 `activation_checkpointing_enable` covers them. The encoder layers are left out there on purpose: each writes its
@@ -19,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dgtune.diffusion.model_calls import encoder_layers, unwrap
+from dgtune.models.family import family_of
 
 
 @contextmanager
@@ -49,13 +51,17 @@ def _checkpointed_encoder_forward(layer, forward, hidden_states, *args, **kwargs
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Checkpoint every encoder and decoder layer of a (peft-wrapped or plain) DiffusionGemma, non-reentrant: each
-    layer keeps only its input and recomputes its activations in backward. Takes effect in `model.train()` mode."""
+    """Checkpoint every layer of a (peft-wrapped or plain) model, non-reentrant: each layer keeps only its input and
+    recomputes its activations in backward. The family's `encoder_layers` (DiffusionGemma: the encoder's, whose
+    replay must see the cache as it was; one-stack families such as LLaDA and Dream: every layer of the stack) are
+    wrapped here; where the profile says `hf_checkpointing`, transformers' own checkpointing covers the rest
+    (DiffusionGemma's decoder layers). Takes effect in `model.train()` mode."""
     core = unwrap(model)
-    if hasattr(core, "activation_checkpointing_enable"):  # decoder layers
-        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # transformers 5.17's name
-        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if family_of(core).hf_checkpointing:
+        if hasattr(core, "activation_checkpointing_enable"):  # decoder layers
+            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers 5.17's name
+            core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in encoder_layers(core):
         if getattr(layer, "_dgtune_checkpointed", False):
             continue

@@ -32,6 +32,9 @@ class ModelFamily:
     self_conditioning: bool = False  # the family's base reads the previous step's logits (as it was trained)
     expert_parameters: tuple[str, ...] = ()  # the routed experts' 3-D parameters (`lora.experts=true` adapts them)
     shard_units: tuple[str, ...] = ()  # class names of the layers FSDP2 shards as units (`trainer.strategy=fsdp2`)
+    # `trainer.gradient_checkpointing`: transformers' own activation checkpointing covers the layers that the
+    # family's `encoder_layers` call leaves out (DiffusionGemma's decoder layers); dgtune checkpoints those itself
+    hf_checkpointing: bool = False
 
     def load_class(self):
         """The transformers class named by `model_class`."""

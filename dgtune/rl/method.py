@@ -59,7 +59,8 @@ class Rollouts:
     ref_logp: torch.Tensor | None  # [b', n] (beta > 0 or log_kl)
     est_var: float | None  # mean over rows of the estimator's variance across repeated draws (when measured)
     tokens: int
-    noise_seed: int = 0  # rft: the seed of the denoising loss' draws (seed, block, the process' first row)
+    noise_seed: int = 0  # rft: the seed of the denoising loss' draws (seed, block)
+    loss_rows: slice | None = None  # rft: this process' rows of `batch`, the approved rows of every process
 
 
 class PolicyLoss(torch.nn.Module):
@@ -79,8 +80,9 @@ class PolicyLoss(torch.nn.Module):
             sft = denoising_loss(self.model, self_training_batch(ro.batch, m.tokenizer.eos_token_id,
                                                                  m.tokenizer.pad_token_id),
                                  m.obj_cfg, torch.Generator(device=device).manual_seed(ro.noise_seed), m.vocab,
-                                 m.mask_id)
-            loss, stats = sft["loss"], {"diffusion_loss": sft["diffusion_loss"]}
+                                 m.mask_id, rows=ro.loss_rows)
+            loss = sft["loss"]
+            stats = {"diffusion_loss": sft["diffusion_loss"], "approved": torch.tensor(ro.scale, device=device)}
         else:
             loss, stats = self._policy_loss(ro)
         out = {"loss": loss * ro.scale, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
@@ -255,7 +257,7 @@ class RL:
         if not bool(cfg.method.get("negatives", True)):  # only the better completions are pulled up
             adv = adv.clamp(min=0.0)
         live = torch.arange(len(mine))  # the rows the loss reads
-        if self.rft:  # the approved completions, flat groups included
+        if self.rft:  # the approved completions, flat groups included (gathered from every process below)
             live = (rewards >= self.rft_min).nonzero().squeeze(1)
         elif self.skip_flat:
             varied = rewards.view(-1, self.group_size).std(-1, unbiased=False) >= 1e-6  # as group_advantages
@@ -274,7 +276,12 @@ class RL:
                             seeds.to(device), None if parts is None else
                             Trace.from_steps(parts, len(mine), task.canvas_length, self.sampler,
                                              self.sampler.mask_token_id if self.sampler.noise == "mask" else None
-                                             ).to(device)).rows(live.to(device))  # [b'] the rows the loss reads
+                                             ).to(device))
+        loss_rows = None
+        if self.rft:  # every process' approved rows, this process' slice of them (as SFT's rows of a global batch)
+            batch, loss_rows = approved_rows(batch, rewards.to(device), self.rft_min, rows, pad)
+        else:
+            batch = batch.rows(live.to(device))  # [b'] the rows the loss reads
         old = ref = var = None
         with torch.no_grad():
             if self.mu > 1:
@@ -290,7 +297,7 @@ class RL:
         if was_training:
             self.model.train()
         return Rollouts(batch, rewards.to(device), adv[live].to(device), scale, solved.to(device), flat, old, ref, var,
-                        int(attention.sum()) + canvas.numel(), noise_seed=base * 7 + lo)
+                        int(attention.sum()) + canvas.numel(), noise_seed=base * 7, loss_rows=loss_rows)
 
     def micro_step(self, module, micro_step: int, device, rows: slice | None) -> tuple[dict, int]:
         """(loss dict of this process' rows, tokens) for optimizer step `micro_step` (grad_accum is 1)."""
@@ -300,3 +307,47 @@ class RL:
         ro = self.block[1]
         return module(ro), ro.tokens
 
+
+def gather_rows(x: torch.Tensor, fill) -> torch.Tensor:
+    """x [b_p, ...] of every process (equal b_p), concatenated in rank order; a 2-D x is right-padded with `fill` to
+    the widest process' width first (bool tensors travel as uint8: gloo has no bool)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    was_bool = x.dtype == torch.bool
+    x = x.to(torch.uint8) if was_bool else x
+    if x.dim() == 2:
+        width = torch.tensor([x.shape[1]], device=x.device)
+        widths = [torch.zeros_like(width) for _ in range(world)]
+        dist.all_gather(widths, width)
+        x = torch.nn.functional.pad(x, (0, int(max(widths)) - x.shape[1]), value=fill)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    out = torch.cat(parts)
+    return out.bool() if was_bool else out
+
+
+def approved_rows(batch: Completions, rewards: torch.Tensor, min_reward: float, rows: slice | None,
+                  pad_id: int) -> tuple[Completions, slice | None]:
+    """rft's loss batch: the completions of every process whose reward reaches `min_reward`, in global row order
+    (gathered when `rows`, this process' slice of the global rows, is set), and the slice of them that are this
+    process' own. The denoising loss draws its noise for the whole approved batch and takes this slice, so N
+    processes see the draws of one process with all the rows (`dgtune.diffusion.loss.denoising_loss`'s `rows`).
+    A process with no approved row of its own gets one row of another's (its loss is scaled by 0); with none
+    approved anywhere, its first row (the same)."""
+    lo, hi = (0, batch.canvas.shape[0]) if rows is None else (rows.start, rows.stop)
+    if rows is not None:
+        fills = {"input_ids": pad_id, "attention_mask": 0}
+        batch = Completions(*(None if x is None else gather_rows(x, fills.get(name, 0)) for name, x in
+                              (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask),
+                               ("prompt_len", batch.prompt_len), ("canvas", batch.canvas), ("keep", batch.keep),
+                               ("seeds", batch.seeds))))
+        rewards = gather_rows(rewards, 0)
+    ok = (rewards >= min_reward).nonzero().squeeze(1)  # [n] global indices of the approved rows
+    if ok.numel() == 0:
+        return batch.rows(torch.arange(lo, lo + 1, device=ok.device)), None
+    start, end = int((ok < lo).sum()), int((ok < hi).sum())
+    if start == end:  # none of this process' own: one row of another's, weight 0
+        start = min(start, ok.numel() - 1)
+        end = start + 1
+    return batch.rows(ok), slice(start, end)

@@ -9,9 +9,9 @@ was trained with) and no reference answers: only what the verifier approves.
 The loss is the mean over all b rollout rows with the rejected rows' terms 0 (`Rollouts.scale` = kept / b, as for
 the flat groups of GRPO): a step where the policy solves little moves the weights little. Unlike GRPO it also
 trains on groups that are all solved (no advantage, but confidence, which the entropy-bound sampler turns into
-more tokens committed per step). Its noise draws are seeded by (seed, block, first row of the process), so a
-resumed run redraws them exactly; a 2-process run draws other noise than a 1-process run (each process corrupts
-its own kept rows), unlike the other objectives.
+more tokens committed per step). Its noise draws are seeded by (seed, block) and made for the approved rows of
+every process (gathered, `dgtune.rl.method.approved_rows`), each process training its own slice of them: a resumed
+run redraws them exactly, and N processes draw what one process with all the rows draws.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ DIFFUSION_GEMMA = register_family(ModelFamily(
     self_conditioning=True,  # the released objective conditions on the previous pass' logits
     expert_parameters=("experts.gate_up_proj", "experts.down_proj"),  # [E, 2 Ie, H] and [E, H, Ie] per layer
     shard_units=("DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer"),
+    hf_checkpointing=True,  # transformers checkpoints the decoder layers; dgtune the encoder's (cache-aware)
     calls=__name__,  # this module: encode, decode_hidden, ... below
     fused_decoder=True,  # dgtune.sampling.fused_decoder implements its decoder layers
 ))
@@ -202,5 +203,6 @@ def vocab_size(model) -> int:
 
 
 def encoder_layers(model) -> list:
-    """The encoder's transformer layers (gradient checkpointing wraps each)."""
+    """The encoder's transformer layers (dgtune's cache-aware gradient checkpointing wraps each; transformers' own
+    covers the decoder's)."""
     return list(unwrap(model).model.encoder.language_model.layers)

@@ -24,8 +24,7 @@ import torch
 from dgtune.diffusion.model_calls import unwrap
 from dgtune.models.family import ModelFamily, register_family
 from dgtune.models.families.one_stack import (  # noqa: F401 (calls this family shares: model_calls reads them here)
-    PromptCache, canvas_hidden, decoder_context, encode, encoder_layers, has_sliding_layers, no_self_conditioning,
-    training_cache)
+    PromptCache, canvas_hidden, decoder_context, encode, has_sliding_layers, no_self_conditioning, training_cache)
 
 __all__ = ["DREAM", "PromptCache", "encode", "training_cache", "decoder_context", "decode_hidden", "lm_logits",
            "lm_head_weight", "self_conditioning_embeddings", "has_sliding_layers", "embedding_dtype", "vocab_size",
@@ -83,3 +82,8 @@ def embedding_dtype(model) -> torch.dtype:
 def vocab_size(model) -> int:
     """The output vocabulary."""
     return unwrap(model).config.vocab_size
+
+
+def encoder_layers(model) -> list:
+    """The stack's layers (`model.layers`): gradient checkpointing wraps each (they read and write no cache)."""
+    return list(unwrap(model).model.layers)

@@ -81,7 +81,3 @@ def has_sliding_layers(model) -> bool:
     """No sliding-window layers."""
     return False
 
-
-def encoder_layers(model) -> list:
-    """No encoder layers of its own (gradient checkpointing is not wired for these families yet)."""
-    return []

@@ -1,6 +1,7 @@
 """The LLaDA family (dgtune/models/families/llada.py) on the tiny LLaDA built in code (dgtune/models/tiny_llada.py):
 the real checkpoint's names and what the LoRA pattern hits, dgtune's loss against a plain transcription of LLaDA's
-published SFT loss on identical draws, and train -> eval through the CLI path."""
+published SFT loss on identical draws, and its sampler against a transcription of LLaDA's `generate.py` (train ->
+eval -> export through the CLI, the trust error and checkpointing: tests/test_families.py)."""
 
 import re
 import sys
@@ -69,45 +70,6 @@ def test_loss_equals_llada_guidelines_transcription(llada):
     ref = guidelines_sft_loss(model, prompts, answers, t, u, tok.mask_token_id)
     torch.testing.assert_close(out["loss"], ref, rtol=1e-6, atol=1e-7)
     assert float(out["loss"]) > 0
-
-
-@pytest.mark.trains
-def test_llada_tiny_trains_evaluates_and_exports(tmp_path):
-    """`recipe=sudoku_4x4 model=llada_tiny objective=llada sampler=topk_confidence_mask`: a few LoRA steps, the
-    report at two step counts (LLaDA's low-confidence remasking), and an export of the adapter."""
-    import json
-
-    from dgtune.export import main as export
-    from dgtune.train import train
-
-    cfg = compose(["recipe=sudoku_4x4", "model=llada_tiny", "objective=llada", "sampler=topk_confidence_mask",
-                   "trainer.max_steps=3", "trainer.batch_size=4", "task.n_train=16", "task.n_val=4", "task.n_test=4",
-                   "eval.steps=[2,4]", "eval.quick_every=0", "trainer.progress_bar=false", "logger=none",
-                   f"run_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}"])
-    train(cfg)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert sorted({r["steps"] for r in report["rows"]}) == [2, 4]
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["train/loss"] > 0 for m in metrics if "train/loss" in m)
-    export([str(tmp_path / "run"), str(tmp_path / "out")])
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-
-
-def test_a_llada_checkpoint_without_trust_remote_code_is_one_clear_error(tmp_path):
-    """LLaDA-8B-Instruct's config (its architecture and model type) in a folder: loading it without
-    `model.trust_remote_code=true` fails at once, naming the key and why."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    from dgtune.errors import ConfigError
-    from dgtune.models.load import load_model
-
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LLaDAModelLM"], "model_type": "llada",
-                                                      "d_model": 4096, "n_layers": 32, "vocab_size": 126464}))
-    cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": str(tmp_path)})
-    with pytest.raises(ConfigError, match="llada checkpoint.*model.trust_remote_code=true"):
-        load_model(cfg)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 5])

@@ -1,0 +1,112 @@
+"""What every model family built in code must do through dgtune's own paths (LLaDA and Dream, the one-stack
+families; DiffusionGemma's are the rest of the suite): `recipe=sudoku_4x4` with its tiny model trains a few LoRA
+steps, evaluates at two step counts and exports; a real checkpoint's config without `model.trust_remote_code=true`
+is one clear error; gradient checkpointing replays every layer and changes no number. The per-family facts (names,
+LoRA pattern, loss and sampler parity with the family's published code) are in tests/test_llada.py and
+tests/test_dream.py."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dgtune.config import compose
+from dgtune.diffusion.loss import denoising_loss
+from dgtune.diffusion.objective import ObjectiveConfig
+
+# family -> (overrides that train it with its own objective and sampler, a real checkpoint's config.json)
+FAMILIES = {
+    "llada": (["model=llada_tiny", "objective=llada", "sampler=topk_confidence_mask"],
+              {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 4096, "vocab_size": 126464}),
+    "dream": (["model=dream_tiny", "objective=dream", "sampler=dream_entropy"],
+              {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": 3584, "vocab_size": 152064}),
+}
+
+
+@pytest.mark.trains
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_trains_evaluates_and_exports(tmp_path, family):
+    """`recipe=sudoku_4x4 model=<family>_tiny objective=<family> sampler=<its sampler>`: a few LoRA steps, the
+    report at two step counts, and an export of the adapter."""
+    from dgtune.export import main as export
+    from dgtune.train import train
+
+    cfg = compose(["recipe=sudoku_4x4", *FAMILIES[family][0], "trainer.max_steps=3", "trainer.batch_size=4",
+                   "task.n_train=16", "task.n_val=4", "task.n_test=4", "eval.steps=[2,4]", "eval.quick_every=0",
+                   "trainer.progress_bar=false", "logger=none", f"run_dir={tmp_path / 'run'}",
+                   f"data_dir={tmp_path / 'data'}"])
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sorted({r["steps"] for r in report["rows"]}) == [2, 4]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train/loss"] > 0 for m in metrics if "train/loss" in m)
+    export([str(tmp_path / "run"), str(tmp_path / "out")])
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_checkpoint_without_trust_remote_code_is_one_clear_error(tmp_path, family):
+    """The real checkpoint's config (its architecture and model type) in a folder: loading it without
+    `model.trust_remote_code=true` fails at once, naming the family, the key and why."""
+    from omegaconf import OmegaConf
+
+    from dgtune.errors import ConfigError
+    from dgtune.models.load import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps(FAMILIES[family][1]))
+    cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"{family} checkpoint.*model.trust_remote_code=true"):
+        load_model(cfg)
+
+
+def _tiny(family):
+    """(model, tokenizer, a module inside the first layer) of the family's tiny model at test sizes."""
+    if family == "llada":
+        from dgtune.models.tiny_llada import build_tiny_llada
+
+        model, tok = build_tiny_llada(seed=0, d_model=32, n_layers=2, n_heads=4, mlp_hidden_size=64)
+        return model, tok, lambda m: m.get_base_model().model.transformer.blocks[0].attn_norm
+    from dgtune.models.tiny_dream import build_tiny_dream
+
+    model, tok = build_tiny_dream(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    return model, tok, lambda m: m.get_base_model().model.layers[0].input_layernorm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_of_the_one_stack_families(family):
+    """`trainer.gradient_checkpointing` on the tiny model (LoRA): every layer of the stack is replayed in backward
+    (a module inside the first layer runs twice per graded pass), and the loss and every gradient equal those
+    without checkpointing."""
+    from dgtune.models.checkpointing import enable_gradient_checkpointing
+    from dgtune.train import apply_lora
+
+    base, tok, first = _tiny(family)
+    model = apply_lora(copy.deepcopy(base).float(), compose([f"model={family}_tiny", "lora.r=4"]).lora)
+    g = torch.Generator().manual_seed(0)
+    for n, p in model.named_parameters():  # a non-zero adapter, so that every LoRA weight gets a gradient
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    batch = {"input_ids": torch.randint(7, 40, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
+             "prompt_len": torch.tensor([6, 6, 6]), "canvas": torch.randint(7, 40, (3, 10), generator=g)}
+    cfg = ObjectiveConfig(**{k: v for k, v in compose([f"objective={family}"]).objective.items()})
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = denoising_loss(model, batch, cfg, torch.Generator().manual_seed(5), base.config.vocab_size,
+                             tok.mask_token_id)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain_loss, plain = loss_and_grads()
+    enable_gradient_checkpointing(model)
+    calls = []
+    first(model).register_forward_hook(lambda *_: calls.append(1))
+    ckpt_loss, ckpt = loss_and_grads()
+    assert len(calls) == 2  # forward + replay
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -43,3 +43,33 @@ def randomise_lora_b(model, scale: float = 0.05, seed: int = 0):
             if "lora_B" in name:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
     return model
+
+
+def loss_against_transcription(model, tok, objective: str, reference):
+    """(dgtune's loss dict, the reference's loss) for `objective=<objective>` on 3 rows with right-padded prompts
+    of different lengths and 12-token answers, on identical draws: dgtune's order (t [b], then the corruption
+    [b, l]) replayed for `reference(model, prompts, answers, t, u, mask_id)`, a family's published loss
+    transcribed (eval/ci/*_reference.py)."""
+    import torch
+
+    from dgtune.config import compose
+    from dgtune.diffusion.loss import denoising_loss
+    from dgtune.diffusion.objective import ObjectiveConfig
+
+    g = torch.Generator().manual_seed(0)
+    lens, l, b = [5, 9, 7], 12, 3
+    prompts = [torch.randint(7, 40, (n,), generator=g) for n in lens]
+    answers = [torch.randint(7, 40, (l,), generator=g) for _ in lens]
+    input_ids = torch.full((b, max(lens)), tok.pad_token_id)
+    attention = torch.zeros(b, max(lens), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, : len(p)], attention[i, : len(p)] = p, 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "prompt_len": torch.tensor(lens),
+             "canvas": torch.stack(answers)}
+    cfg = ObjectiveConfig(**{k: v for k, v in compose([f"objective={objective}"]).objective.items()})
+    out = denoising_loss(model, batch, cfg, torch.Generator().manual_seed(5), model.config.vocab_size,
+                         tok.mask_token_id)
+    draws = torch.Generator().manual_seed(5)
+    t = torch.rand(b, generator=draws)
+    u = torch.rand(b, l, generator=draws)
+    return out, reference(model, prompts, answers, t, u, tok.mask_token_id)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import loss_against_transcription
 
 from dgtune.config import compose
-from dgtune.diffusion.loss import denoising_loss
-from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.models.family import family_of
 from dgtune.models.tiny_llada import REAL_WEIGHT_NAMES, build_tiny_llada
 
@@ -50,24 +49,7 @@ def test_loss_equals_llada_guidelines_transcription(llada):
     """fp32, identical draws: dgtune's `objective=llada` loss (right-padded prompts of different lengths, canvas
     positions after each prompt) equals the transcription to 1e-6."""
     model, tok = llada
-    g = torch.Generator().manual_seed(0)
-    lens, l, b = [5, 9, 7], 12, 3
-    prompts = [torch.randint(7, 40, (n,), generator=g) for n in lens]
-    answers = [torch.randint(7, 40, (l,), generator=g) for _ in lens]
-    s = max(lens)
-    input_ids = torch.full((b, s), tok.pad_token_id)
-    attention = torch.zeros(b, s, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, : len(p)], attention[i, : len(p)] = p, 1
-    batch = {"input_ids": input_ids, "attention_mask": attention, "prompt_len": torch.tensor(lens),
-             "canvas": torch.stack(answers)}
-    cfg = ObjectiveConfig(**{k: v for k, v in compose(["objective=llada"]).objective.items()})
-    out = denoising_loss(model, batch, cfg, torch.Generator().manual_seed(5), model.config.vocab_size,
-                         tok.mask_token_id)
-    draws = torch.Generator().manual_seed(5)  # dgtune's order: t [b], then the corruption [b, l]
-    t = torch.rand(b, generator=draws)
-    u = torch.rand(b, l, generator=draws)
-    ref = guidelines_sft_loss(model, prompts, answers, t, u, tok.mask_token_id)
+    out, ref = loss_against_transcription(model, tok, "llada", guidelines_sft_loss)
     torch.testing.assert_close(out["loss"], ref, rtol=1e-6, atol=1e-7)
     assert float(out["loss"]) > 0
 

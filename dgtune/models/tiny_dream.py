@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from dgtune.models.tiny_llada import RMSNorm, rotate
+from dgtune.models.tiny_llada import RMSNorm, build_with_char_tokenizer, rotate
 
 # Dream-v0-Instruct-7B weight names (one layer shown; layers 0..27), the test data of the family's LoRA pattern
 REAL_WEIGHT_NAMES = (
@@ -157,11 +157,4 @@ class DreamModel(PreTrainedModel):
 
 def build_tiny_dream(seed: int = 0, **sizes) -> tuple[DreamModel, object]:
     """A randomly initialised tiny Dream with the bundled character tokenizer (whose [MASK] it uses)."""
-    from dgtune.models.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = TinyDreamConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, **sizes)
-    model = DreamModel(config)
-    model.eval()
-    return model, tokenizer
+    return build_with_char_tokenizer(TinyDreamConfig, DreamModel, seed, sizes)

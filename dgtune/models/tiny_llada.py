@@ -153,13 +153,18 @@ class LLaDAModelLM(PreTrainedModel):
                                                                                 position_ids)))
 
 
-def build_tiny_llada(seed: int = 0, **sizes) -> tuple[LLaDAModelLM, object]:
-    """A randomly initialised tiny LLaDA with the bundled character tokenizer (whose [MASK] it uses)."""
+def build_with_char_tokenizer(config_class, model_class, seed: int, sizes: dict):
+    """(model, tokenizer): `model_class` randomly initialised from `seed` at `sizes`, in eval mode, with the bundled
+    character tokenizer (its vocabulary and [MASK]); the builder of every tiny one-stack model."""
     from dgtune.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = TinyLLaDAConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, **sizes)
-    model = LLaDAModelLM(config)
+    model = model_class(config_class(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, **sizes))
     model.eval()
     return model, tokenizer
+
+
+def build_tiny_llada(seed: int = 0, **sizes) -> tuple[LLaDAModelLM, object]:
+    """A randomly initialised tiny LLaDA with the bundled character tokenizer (whose [MASK] it uses)."""
+    return build_with_char_tokenizer(TinyLLaDAConfig, LLaDAModelLM, seed, sizes)

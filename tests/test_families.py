@@ -1,9 +1,9 @@
 """What every model family built in code must do through dgtune's own paths (LLaDA and Dream, the one-stack
-families; DiffusionGemma's are the rest of the suite): `recipe=sudoku_4x4` with its tiny model trains a few LoRA
+families, and LLaDA2, block diffusion; DiffusionGemma's are the rest of the suite): `recipe=sudoku_4x4` with its tiny model trains a few LoRA
 steps, evaluates at two step counts and exports; a real checkpoint's config without `model.trust_remote_code=true`
 is one clear error; gradient checkpointing replays every layer and changes no number. The per-family facts (names,
-LoRA pattern, loss and sampler parity with the family's published code) are in tests/test_llada.py and
-tests/test_dream.py."""
+LoRA pattern, loss and sampler parity with the family's published code) are in tests/test_llada.py,
+tests/test_dream.py and tests/test_llada2.py."""
 
 import copy
 import json
@@ -21,6 +21,9 @@ FAMILIES = {
               {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 4096, "vocab_size": 126464}),
     "dream": (["model=dream_tiny", "objective=dream", "sampler=dream_entropy"],
               {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": 3584, "vocab_size": 152064}),
+    "llada2": (["model=llada2_tiny", "objective=llada2", "sampler=block_refine"],
+               {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
+                "vocab_size": 157184}),
 }
 
 
@@ -67,6 +70,12 @@ def _tiny(family):
 
         model, tok = build_tiny_llada(seed=0, d_model=32, n_layers=2, n_heads=4, mlp_hidden_size=64)
         return model, tok, lambda m: m.get_base_model().model.transformer.blocks[0].attn_norm
+    if family == "llada2":
+        from dgtune.models.tiny_llada2 import build_tiny_llada2
+
+        model, tok = build_tiny_llada2(seed=0, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, block_size=4)
+        return model, tok, lambda m: m.get_base_model().model.layers[0].input_layernorm
     from dgtune.models.tiny_dream import build_tiny_dream
 
     model, tok = build_tiny_dream(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -75,7 +84,7 @@ def _tiny(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_of_the_one_stack_families(family):
+def test_gradient_checkpointing_of_the_built_families(family):
     """`trainer.gradient_checkpointing` on the tiny model (LoRA): every layer of the stack is replayed in backward
     (a module inside the first layer runs twice per graded pass), and the loss and every gradient equal those
     without checkpointing."""

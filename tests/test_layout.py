@@ -134,10 +134,14 @@ def test_model_family_is_read_from_the_model_and_names_what_it_knows(tiny):
     explicit = apply_lora(copy.deepcopy(model), OmegaConf.merge(cfg, {"target_modules": DIFFUSION_GEMMA.lora_target_modules}))
     names = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert names(wrapped) == names(explicit) and names(wrapped)
-    other = OmegaConf.create({"architectures": ["SDARForCausalLM"], "model_type": "sdar"})  # no profile yet
-    with pytest.raises(InputError, match=r"SDARForCausalLM.*'sdar'.*known: ") as err:
+    other = OmegaConf.create({"architectures": ["MMadaModelLM"], "model_type": "mmada"})  # no profile
+    with pytest.raises(InputError, match=r"MMadaModelLM.*'mmada'.*known: ") as err:
         family_of(other)
-    assert all(f in str(err.value) for f in ("diffusion_gemma", "llada", "dream"))
+    assert all(f in str(err.value) for f in ("diffusion_gemma", "llada", "dream", "llada2", "sdar"))
+    llada2 = OmegaConf.create({"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"})  # LLaDA2.0-mini
+    assert family_of(llada2).name == "llada2"
+    sdar = OmegaConf.create({"architectures": ["SDARForCausalLM"], "model_type": "sdar"})  # SDAR-8B-Chat's config
+    assert family_of(sdar).name == "sdar"
     llada = OmegaConf.create({"architectures": ["LLaDAModelLM"], "model_type": "llada"})  # LLaDA-8B's config
     assert family_of(llada).name == "llada"
     dream = OmegaConf.create({"architectures": ["DreamModel"], "model_type": "Dream"})  # Dream-v0's config

@@ -6,6 +6,7 @@ import torch
 
 from dgtune.diffusion.chunked import chunked_ar_loss, chunked_canvas_loss
 from dgtune.diffusion.model_calls import (
+    block_diffusion,
     decode_hidden,
     decoder_context,
     encode,
@@ -144,6 +145,7 @@ def denoising_loss(
         decoder_attention_mask=dec_mask,
         decoder_position_ids=dec_pos,
         self_conditioning_embeddings=sc_embeds,
+        clean_canvas=clean if block_diffusion(model) else None,  # block diffusion: every block beside clean context
     )  # [b, l, d]
 
     # The head: the canvas cross-entropy with the noise kind's per-position weights, from full logits or chunked

@@ -48,11 +48,24 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
 def decode_hidden(model, canvas: torch.Tensor, cache, self_conditioning_logits: torch.Tensor | None = None,
                   self_conditioning_mask: torch.Tensor | None = None, decoder_attention_mask=None,
                   decoder_position_ids: torch.Tensor | None = None,
-                  self_conditioning_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+                  self_conditioning_embeddings: torch.Tensor | None = None,
+                  clean_canvas: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise canvas [b, l] against the cached prompt; returns the decoder's final hidden states [b, l, d].
-    `self_conditioning_embeddings` [b, l, d] (from `self_conditioning_embeddings`) replaces the logits."""
+    `self_conditioning_embeddings` [b, l, d] (from `self_conditioning_embeddings`) replaces the logits.
+    `clean_canvas` [b, l] (training a block-diffusion family, `block_diffusion(model)`): each block of the canvas is
+    denoised seeing the clean blocks before it (the [x_t ; x_0] layout)."""
+    extra = {} if clean_canvas is None else {"clean_canvas": clean_canvas}
     return family_calls(model).decode_hidden(model, canvas, cache, self_conditioning_logits, self_conditioning_mask,
-                                             decoder_attention_mask, decoder_position_ids, self_conditioning_embeddings)
+                                             decoder_attention_mask, decoder_position_ids, self_conditioning_embeddings,
+                                             **extra)
+
+
+def block_diffusion(model) -> bool:
+    """Whether the model's family is block diffusion (`ModelFamily.block_diffusion`): trained with the clean canvas
+    beside the noisy one, sampled by `dgtune.sampling.block`."""
+    from dgtune.models.family import family_of
+
+    return family_of(unwrap(model)).block_diffusion
 
 
 def decode(model, canvas: torch.Tensor, cache, self_conditioning_logits: torch.Tensor | None = None,

@@ -263,6 +263,25 @@ register_noise("dream", Noise(  # Dream's law: mask rate t ~ U(0, 1), weight 1 /
 ))
 
 
+LLADA2_RANGE = (0.3, 0.8)  # dFactory configs/sft/llada2_mini_bd_sft.yaml: noise_range_low / noise_range_high
+
+
+def llada2_token_weights(corrupted: torch.Tensor) -> torch.Tensor:
+    """Per-position weights [b, l] of LLaDA2's block-diffusion SFT loss (dFactory `tasks/train_llada2_bd.py`,
+    `same_token_labels`, with its shipped micro-batches of one answer): 1 on the masked positions, / the answer's
+    masked count, / the batch size (no 1 / t). An answer with nothing masked adds 0 (dFactory's would be 0 / 0)."""
+    c = corrupted.float()
+    return c / (c.sum(-1, keepdim=True).clamp(min=1) * c.shape[0])
+
+
+register_noise("llada2", Noise(  # LLaDA2's law: mask rate p ~ U(0.3, 0.8) (p = 0.3 + 0.5 t), / each masked count
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_masked(
+        clean, LLADA2_RANGE[0] + (LLADA2_RANGE[1] - LLADA2_RANGE[0]) * t, _need_mask(mask_id), gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
+    token_weights=lambda clean, corrupted, t, weight, cfg: llada2_token_weights(corrupted),
+))
+
+
 def noise_for(cfg: ObjectiveConfig) -> Noise:
     """The `Noise` of `cfg.kind`, checked against `cfg.prediction` (a clear error naming both)."""
     if cfg.kind not in NOISES:

@@ -7,4 +7,5 @@ BUILT = {
     "shaped": "dgtune.models.shaped:build_shaped_model",
     "llada_tiny": "dgtune.models.tiny_llada:build_tiny_llada",
     "dream_tiny": "dgtune.models.tiny_dream:build_tiny_dream",
+    "llada2_tiny": "dgtune.models.tiny_llada2:build_tiny_llada2",
 }

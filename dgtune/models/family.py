@@ -35,6 +35,9 @@ class ModelFamily:
     # `trainer.gradient_checkpointing`: transformers' own activation checkpointing covers the layers that the
     # family's `encoder_layers` call leaves out (DiffusionGemma's decoder layers); dgtune checkpoints those itself
     hf_checkpointing: bool = False
+    # block diffusion (`families/llada2.py`): blocks at absolute positions, block-causal attention; trained on
+    # [x_t ; x_0] (the loss hands `decode_hidden` the clean canvas) and sampled a block at a time (`sampling.block`)
+    block_diffusion: bool = False
 
     def load_class(self):
         """The transformers class named by `model_class`."""

@@ -227,7 +227,11 @@ def _train(cfg: DictConfig, accelerator, run_dir, task, splits, progress: dict) 
         grad_norm = (accelerator.clip_grad_norm_(trainable, tc.max_grad_norm) if sharded is None
                      else full_grad_norm_clip(trainable, tc.max_grad_norm))
         logs = dict(zip(logs, accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()))  # over processes
-        if math.isfinite(logs["loss"]) and math.isfinite(float(grad_norm)):  # the same verdict on every process
+        if float(grad_norm) == 0.0:  # no training signal (rft approved nothing, every GRPO group was flat): an
+            # optimizer step would still move the weights (Adam re-applies its momentum, weight decay shrinks them)
+            optimizer.zero_grad(set_to_none=True)
+            logs["skipped_empty"] = 1.0
+        elif math.isfinite(logs["loss"]) and math.isfinite(float(grad_norm)):  # the same verdict on every process
             optimizer.step()
             skips = 0
         else:

@@ -21,6 +21,8 @@ FAMILIES = {
               {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 4096, "vocab_size": 126464}),
     "dream": (["model=dream_tiny", "objective=dream", "sampler=dream_entropy"],
               {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": 3584, "vocab_size": 152064}),
+    "llada_moe": (["model=llada_moe_tiny", "objective=llada", "sampler=topk_confidence_mask"],
+                  {"architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "hidden_size": 2048, "vocab_size": 157184}),
     "llada2": (["model=llada2_tiny", "objective=llada2", "sampler=block_refine"],
                {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
                 "vocab_size": 157184}),
@@ -70,6 +72,12 @@ def _tiny(family):
 
         model, tok = build_tiny_llada(seed=0, d_model=32, n_layers=2, n_heads=4, mlp_hidden_size=64)
         return model, tok, lambda m: m.get_base_model().model.transformer.blocks[0].attn_norm
+    if family == "llada_moe":
+        from dgtune.models.tiny_llada_moe import build_tiny_llada_moe
+
+        model, tok = build_tiny_llada_moe(seed=0, hidden_size=32, expert_intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts=4)
+        return model, tok, lambda m: m.get_base_model().model.layers[0].input_layernorm
     if family == "llada2":
         from dgtune.models.tiny_llada2 import build_tiny_llada2
 
@@ -99,7 +107,8 @@ def test_gradient_checkpointing_of_the_built_families(family):
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
     batch = {"input_ids": torch.randint(7, 40, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long),
              "prompt_len": torch.tensor([6, 6, 6]), "canvas": torch.randint(7, 40, (3, 10), generator=g)}
-    cfg = ObjectiveConfig(**{k: v for k, v in compose([f"objective={family}"]).objective.items()})
+    objective = next(o for o in FAMILIES[family][0] if o.startswith("objective="))  # the family's own objective
+    cfg = ObjectiveConfig(**{k: v for k, v in compose([objective]).objective.items()})
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -119,3 +128,60 @@ def test_gradient_checkpointing_of_the_built_families(family):
     assert plain.keys() == ckpt.keys() and len(plain) > 0
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+def test_one_stack_fast_sampler_retires_rows_and_continues_canvases(monkeypatch, family):
+    """The fast sampler on a one-stack family, `strategy=threshold` (rows finish at different steps, so finished rows
+    are retired from the prompt cache mid-canvas) and answers of two canvases: every denoising pass of the second
+    canvas reads each row's [prompt ; its first canvas], and the rows come back in order. (Before `PromptCache`
+    selected its own rows, retiring a row raised AttributeError, and a second canvas replaced the prompt.)"""
+    from dgtune.models.families import one_stack
+    from dgtune.sampling.config import SamplerConfig
+    from dgtune.sampling.sampler import sample
+
+    model, tok, _ = _tiny(family)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # sharper than the init's std 0.02: some positions pass the threshold early
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    module = __import__(f"dgtune.models.families.{family}", fromlist=["canvas_hidden"])
+    seen = []
+    monkeypatch.setattr(module, "canvas_hidden",
+                        lambda f, canvas, cache, shift=0: seen.append(cache) or one_stack.canvas_hidden(f, canvas, cache, shift))
+    g = torch.Generator().manual_seed(0)
+    prompts, l = torch.randint(7, 40, (6, 5), generator=g), 4
+    cfg = SamplerConfig(strategy="threshold", threshold=0.5, noise="mask", commit="argmax", max_steps=4,
+                        max_canvases=2, mask_token_id=tok.mask_token_id, self_conditioning=False, decoder="transformers")
+    out = sample(model, prompts, cfg, torch.Generator().manual_seed(1), tok.eos_token_id, tok.pad_token_id, l)
+    assert out.tokens.shape == (6, 2 * l) and len({float(n) for n in out.nfe}) > 1  # rows finished apart
+    second = [c for c in seen if c.input_ids.shape[1] > 5]  # (rows with an EOS in their first canvas stop there)
+    assert second
+    for cache in second:
+        rows = [next(i for i in range(6) if torch.equal(prompts[i], r[:5])) for r in cache.input_ids]
+        assert torch.equal(cache.input_ids, torch.cat([prompts[rows], out.tokens[rows, :l]], dim=1))
+        assert bool(cache.attention_mask.all())
+
+
+def test_a_tokenizer_without_a_mask_token_gets_the_family_one():
+    """A checkpoint whose tokenizer names no mask token (LLaDA's, LLaDA2's) gets the family's [MASK] id
+    (`ModelFamily.mask_token_id`), which the objectives and samplers read from `tokenizer.mask_token_id`; a tokenizer
+    that names one keeps it; an id outside the vocabulary is one clear error naming the family."""
+    import dataclasses
+
+    from dgtune.errors import InputError
+    from dgtune.models.families.llada import LLADA
+    from dgtune.models.load import with_mask_token
+    from dgtune.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    own = tok.mask_token_id
+    assert with_mask_token(tok, LLADA).mask_token_id == own  # named: kept
+    tok.mask_token = None
+    assert tok.mask_token_id is None
+    family = dataclasses.replace(LLADA, mask_token_id=own + 1)
+    assert with_mask_token(tok, family).mask_token_id == own + 1
+    tok.mask_token = None
+    with pytest.raises(InputError, match="llada tokenizer has no token 999999"):
+        with_mask_token(tok, dataclasses.replace(LLADA, mask_token_id=999999))

@@ -176,3 +176,27 @@ def test_block_sampler_equals_diffusers_pipeline(llada2, monkeypatch, gen, steps
     assert len(passes) == wrapped.calls
     if eos_boost > 1:  # EOS made likely: some rows stop early
         assert (ours.tokens == tok.eos_token_id).any() and (ours.nfe < ours.nfe.max()).any()
+
+
+def test_block_sampler_keeps_a_canvas_template(llada2):
+    """A canvas template (known answer tokens, -1 = free): its tokens are in the output where it has them, every other
+    answer position is filled (no [MASK] left, EOS unlikely), and with editing on the known tokens are never rewritten."""
+    model, tok = llada2
+    prompts = torch.randint(7, 40, (4, 9), generator=torch.Generator().manual_seed(2))
+    template = torch.full((4, 10), -1)
+    template[:, ::3] = 20  # positions 0, 3, 6, 9 known
+    w = model.lm_head.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[tok.eos_token_id] *= 0.0
+            w[tok.mask_token_id] *= 0.0
+        cfg = SamplerConfig(strategy="threshold", noise="mask", commit="argmax", threshold=0.3, max_steps=8,
+                            editing_threshold=0.05, mask_token_id=tok.mask_token_id)
+        out = sample(model, prompts, cfg, torch.Generator().manual_seed(0), tok.eos_token_id, tok.pad_token_id, 10,
+                     template=template).tokens
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert (out[:, ::3] == 20).all()
+    assert not (out == tok.mask_token_id).any()

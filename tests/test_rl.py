@@ -363,21 +363,29 @@ def test_rft_trains_the_approved_rows_only_scaled_by_their_share(tmp_path):
 
 @pytest.mark.trains
 @pytest.mark.parametrize("family", [["model=llada_tiny", "objective=llada", "sampler=topk_confidence_mask"],
-                                    ["model=dream_tiny", "objective=dream", "sampler=dream_entropy"]],
-                         ids=["llada", "dream"])  # the rollouts commit sampled tokens: argmax groups would be flat
-def test_rl_objectives_run_on_the_one_stack_families(tmp_path, monkeypatch, family):
+                                    ["model=dream_tiny", "objective=dream", "sampler=dream_entropy"],
+                                    ["model=llada2_tiny", "objective=llada2", "sampler=block_refine"]],
+                         ids=["llada", "dream", "llada2"])  # the rollouts commit sampled tokens: argmax groups are flat
+def test_rl_objectives_run_on_the_built_families(tmp_path, monkeypatch, family):
     """GRPO with d1's one-pass estimate (whose corruption is [MASK] for these families' objectives), GRPO with the
-    sampler's own trajectory and rft each take 3 steps on the tiny LLaDA and the
-    tiny Dream (model sizes shrunk): finite losses, the rollouts' rewards logged, the adapter moved."""
+    sampler's own trajectory (not for block diffusion, whose sampler keeps no trace: one clear error) and rft each
+    take 3 steps on the tiny LLaDA, Dream and LLaDA2 (model sizes shrunk): finite losses, the rollouts' rewards
+    logged, the adapter moved."""
     from safetensors.torch import load_file
 
     from dgtune.train import train
 
     fn = _reward_module(monkeypatch)
-    small = ["model.sizes.num_hidden_layers=2" if "dream" in family[0] else "model.sizes.n_layers=2"]
+    small = ["model.sizes.n_layers=2" if "llada_tiny" in family[0] else "model.sizes.num_hidden_layers=2"]
     family = [*family, "sampler.commit=sample"]
-    for name, extra in (("one_pass", []), ("trajectory", ["method.estimator=trajectory"]),
-                        ("rft", ["method.objective=rft", "method.rft_min_reward=0.01", "method.group_size=1"])):
+    runs = [("one_pass", []), ("trajectory", ["method.estimator=trajectory"]),
+            ("rft", ["method.objective=rft", "method.rft_min_reward=0.01", "method.group_size=1"])]
+    if "llada2_tiny" in family[0]:
+        with pytest.raises(ValueError, match="block-diffusion.*no guide, trace"):
+            train(_rl_cfg(tmp_path, "trajectory", *family, *small, f"method.reward_fn={fn}", "trainer.max_steps=3",
+                          "method.estimator=trajectory"))
+        runs.pop(1)
+    for name, extra in runs:
         run = tmp_path / name
         train(_rl_cfg(tmp_path, name, *family, *small, f"method.reward_fn={fn}", "trainer.max_steps=3", *extra))
         metrics = _metrics(run)
@@ -398,3 +406,36 @@ def test_approved_rows_are_this_process_slice_of_every_process_approvals():
     assert torch.equal(sub.canvas, batch.canvas[[0, 2]]) and rows == slice(0, 2)
     sub, rows = approved_rows(batch, torch.tensor([0.0, 0.0, 0.0]), 0.5, None, 0)
     assert sub.canvas.shape[0] == 1 and rows is None
+
+
+@pytest.mark.trains
+def test_a_step_with_nothing_approved_leaves_the_weights(tmp_path, monkeypatch):
+    """rft whose verifier approves only the first step's rollouts: the steps after it have no training signal (zero
+    gradient) and take no optimizer step, so 3 steps end on exactly the weights of 1 step (before, Adam re-applied
+    the first step's momentum on every empty step and moved the weights on). The empty steps are logged."""
+    from safetensors.torch import load_file
+
+    from dgtune.train import train
+
+    mod = types.ModuleType("dgtune_test_first_step")
+    calls = {"n": 0}
+
+    def first_step_only(row, output):
+        calls["n"] += 1
+        return 1.0 if calls["n"] <= 16 else 0.0  # the first step's 16 rollouts
+
+    mod.first_step_only = first_step_only
+    monkeypatch.setitem(sys.modules, "dgtune_test_first_step", mod)
+    over = ["method.objective=rft", "method.group_size=1", "method.rft_min_reward=0.5",
+            "method.reward_fn=dgtune_test_first_step:first_step_only", "trainer.warmup_steps=0"]
+    weights = {}
+    for steps in (1, 3):
+        calls["n"] = 0
+        train(_rl_cfg(tmp_path, f"s{steps}", *over, f"trainer.max_steps={steps}"))
+        weights[steps] = load_file(str(tmp_path / f"s{steps}" / "final" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in weights[1].items() if "lora_B" in k)  # step 1 learned
+    assert weights[1].keys() == weights[3].keys()
+    for k in weights[1]:
+        assert torch.equal(weights[1][k], weights[3][k]), k
+    logged = _metrics(tmp_path / "s3")
+    assert [m.get("train/skipped_empty", 0.0) for m in logged] == [0.0, 1.0, 1.0]

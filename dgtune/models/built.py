@@ -8,4 +8,5 @@ BUILT = {
     "llada_tiny": "dgtune.models.tiny_llada:build_tiny_llada",
     "dream_tiny": "dgtune.models.tiny_dream:build_tiny_dream",
     "llada2_tiny": "dgtune.models.tiny_llada2:build_tiny_llada2",
+    "llada_moe_tiny": "dgtune.models.tiny_llada_moe:build_tiny_llada_moe",
 }

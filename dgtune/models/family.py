@@ -38,6 +38,8 @@ class ModelFamily:
     # block diffusion (`families/llada2.py`): blocks at absolute positions, block-causal attention; trained on
     # [x_t ; x_0] (the loss hands `decode_hidden` the clean canvas) and sampled a block at a time (`sampling.block`)
     block_diffusion: bool = False
+    # the checkpoints' [MASK] id, for a tokenizer that does not name its mask token (`load_model` sets it)
+    mask_token_id: int | None = None
 
     def load_class(self):
         """The transformers class named by `model_class`."""

@@ -148,4 +148,16 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         kwargs.setdefault("device_map", default_device_map())
     model = family.load_class().from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-    return model, tokenizer
+    return model, with_mask_token(tokenizer, family)
+
+
+def with_mask_token(tokenizer, family):
+    """`tokenizer`, its mask token set to the family's [MASK] id (`ModelFamily.mask_token_id`) when it names none
+    (LLaDA's and LLaDA2's tokenizers do not; the objectives and samplers read `tokenizer.mask_token_id`)."""
+    if tokenizer.mask_token_id is None and family.mask_token_id is not None:
+        token = tokenizer.convert_ids_to_tokens(family.mask_token_id)
+        if token is None:
+            raise InputError(f"the {family.name} tokenizer has no token {family.mask_token_id} "
+                             "(the family's [MASK] id)")
+        tokenizer.mask_token = token
+    return tokenizer

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dgtune.diffusion.model_calls import (decode_hidden, decoder_context, embedding_dtype, encode, lm_logits,
-                                         training_cache)
+from dgtune.diffusion.model_calls import (block_diffusion, decode_hidden, decoder_context, embedding_dtype, encode,
+                                         lm_logits, training_cache)
 from dgtune.diffusion.objective import NOISES, loo_to_denoiser_logits
 from dgtune.sampling import rng
 
@@ -152,8 +152,9 @@ def _token_logp(model, batch: Completions, input_ids: torch.Tensor, noisy: torch
     cache, _ = encode(model, input_ids, batch.attention_mask, cache=training_cache(model))
     cache, mask = decoder_context(model, cache, batch.prompt_len, l)
     pos = batch.prompt_len[:, None] + torch.arange(l, device=noisy.device)[None, :]  # [b, l]
+    clean = batch.canvas if block_diffusion(model) else None  # block diffusion: each block beside the clean ones
     logits = lm_logits(model, decode_hidden(model, noisy, cache, decoder_attention_mask=mask,
-                                            decoder_position_ids=pos))  # [b, l, v] float32
+                                            decoder_position_ids=pos, clean_canvas=clean))  # [b, l, v] float32
     if prediction == "mean_loo":
         logits = loo_to_denoiser_logits(logits, noisy, t)
     return -F.cross_entropy(logits.flatten(0, 1), batch.canvas.flatten(), reduction="none").view_as(batch.canvas)

@@ -8,7 +8,8 @@ blocks are denoised in order, each step running the model over the window up to 
 attention, `families/llada2.window_hidden`) and reading the current block's logits:
 
 - candidates: the argmax and its probability (`commit=argmax`, temperature 0), or a draw from softmax(logits / t_max)
-  (`commit=sample`, one `torch.multinomial` over the batch from `generator`);
+  (`commit=sample`, one `torch.multinomial` over the batch from `generator`); a canvas template's known tokens
+  are written first and count as committed;
 - commits: the masked positions above `threshold` when there are at least as many as the step's count (the block
   length spread evenly over `max_steps` = min(`max_steps`, gen // `minimal_topk`) steps, the remainder first), else
   the count's most confident;
@@ -82,8 +83,9 @@ def eos_finished(x: torch.Tensor, drawn: torch.Tensor, written: torch.Tensor, fi
 
 @torch.no_grad()
 def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None, eos_id: int,
-                  pad_id: int, canvas_length: int) -> SampleResult:
-    """Sample answers of `canvas_length` x `max_canvases` tokens for equal-length prompts [b, p] (module docstring)."""
+                  pad_id: int, canvas_length: int, template: torch.Tensor | None = None) -> SampleResult:
+    """Sample answers of `canvas_length` x `max_canvases` tokens for equal-length prompts [b, p] (module docstring).
+    `template` [b, l] (known answer tokens, -1 = free): written before the first step, never [MASK], never edited."""
     if cfg.strategy != "threshold":
         raise ValueError(f"a block-diffusion model samples with sampler.strategy=threshold (LLaDA2's block refinement: "
                          f"`sampler=block_refine`), not {cfg.strategy!r}")
@@ -100,6 +102,12 @@ def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator
     n_blocks = -(-(p + gen) // block)
     x = torch.full((b, n_blocks * block), mask_id, dtype=torch.long, device=device)
     x[:, :p] = prompt_ids
+    fixed = torch.zeros_like(x, dtype=torch.bool)  # prompt and template positions: never edited
+    fixed[:, :p] = True
+    if template is not None:
+        cols = slice(p, p + template.shape[1])
+        x[:, cols] = torch.where(template >= 0, template, x[:, cols])
+        fixed[:, cols] = template >= 0
     key_mask = torch.zeros_like(x)
     key_mask[:, : p + gen] = 1
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -107,7 +115,6 @@ def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator
     editing = cfg.editing_threshold > 0
     for k in range(p // block, n_blocks):
         end, start = (k + 1) * block, k * block
-        prompt_in_block = torch.arange(start, end, device=device) < p  # [l] never edited
         step, post = 0, 0
         while True:
             current = x[:, start:end]  # [b, l]
@@ -121,7 +128,7 @@ def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator
                      else torch.zeros_like(active))
             edit = torch.zeros_like(active)
             if editing:
-                editable = ~active & ~prompt_in_block[None]
+                editable = ~active & ~fixed[:, start:end]
                 edit = editable & (prob.float() > cfg.editing_threshold) & (drawn != current)
             written = (write | edit) & ~finished[:, None] if cfg.eos_early_stop else write | edit
             x[:, start:end] = torch.where(written, drawn, current)

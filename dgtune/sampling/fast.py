@@ -40,7 +40,10 @@ NO_MASKS = {"full_attention": None, "sliding_attention": None}  # no padding: at
 
 
 def select_rows(cache, idx: torch.Tensor):
-    """A shallow copy of a DynamicCache holding only batch rows `idx` (the original is untouched)."""
+    """A shallow copy of a DynamicCache holding only batch rows `idx` (the original is untouched); a family's own
+    cache (the one-stack families' `PromptCache`) selects its rows itself."""
+    if hasattr(cache, "select_rows"):
+        return cache.select_rows(idx)
     new = copy.copy(cache)
     new.layers = []
     for layer in cache.layers:

@@ -1,7 +1,13 @@
-"""GPU check of the LLaDA family on the real weights, for a machine with a GPU and a local copy of
-GSAI-ML/LLaDA-8B-Instruct (the lent machines reach no hub: copy the folder there first). Not a test.
+"""GPU check of the LLaDA and LLaDA-MoE families on the real weights, for a machine with a GPU and a local copy of
+GSAI-ML/LLaDA-8B-Instruct or inclusionAI/LLaDA-MoE-7B-A1B-Instruct (the lent machines reach no hub: copy the folder
+there first). Not a test.
 
     python eval/ci/gpu_check_llada.py /path/to/LLaDA-8B-Instruct [--steps 8] [--gen 32]
+    python eval/ci/gpu_check_llada.py /path/to/LLaDA-MoE-7B-A1B-Instruct
+
+LLaDA-MoE is trained and sampled as LLaDA (its own profile, `families/llada_moe.py`, differs in names): the checks
+are the same, with its architecture, its [MASK] 156,895 and its LoRA pattern (q/k/v/o of every layer, no router,
+expert or `lm_head`).
 
 What only the real checkpoint can show (tests/test_llada.py shows the rest on the tiny LLaDA):
 1. the profile recognises its config (architecture LLaDAModelLM) and loading without `trust_remote_code` is refused
@@ -60,14 +66,18 @@ def main() -> None:
         print("[llada] 1 refused without trust_remote_code:", str(e)[:100])
     model = AutoModel.from_pretrained(args.path, trust_remote_code=True, torch_dtype=torch.bfloat16).cuda().eval()
     tok = AutoTokenizer.from_pretrained(args.path, trust_remote_code=True)
-    assert family_of(model).name == "llada"
-    mask_id = 126336
+    family = family_of(model)
+    assert family.name in ("llada", "llada_moe"), family.name
+    mask_id = family.mask_token_id
 
     lora = apply_lora(model, compose(["model=diffusiongemma_26b", "lora.r=4"]).lora)
     adapted = {n for n, m in lora.named_modules() if hasattr(m, "lora_A")}
-    assert len(adapted) == 7 * model.config.n_layers, len(adapted)
-    assert not any(re.search(r"transformer\.ff_out$", n) for n in adapted)
-    print(f"[llada] 2 LoRA on {len(adapted)} modules, head untouched")
+    if family.name == "llada":
+        assert len(adapted) == 7 * model.config.n_layers, len(adapted)
+    else:
+        assert len(adapted) == 4 * model.config.num_hidden_layers, len(adapted)
+    assert not any(re.search(r"transformer\.ff_out$|lm_head$|mlp\.gate$|experts", n) for n in adapted)
+    print(f"[{family.name}] 2 LoRA on {len(adapted)} modules, head, router and experts untouched")
     lora.unload()
 
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 times 4?"}], add_generation_prompt=True,

@@ -38,6 +38,7 @@ DREAM = register_family(ModelFamily(
     lora_target_modules=r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
     noise="mask",
     remote_code=True,  # DreamModel is not a transformers class: its modeling file ships with the checkpoint
+    mask_token_id=151666,  # configuration_dream.py: mask_token_id 151,666
     calls=__name__,
 ))
 
@@ -49,13 +50,13 @@ def decode_hidden(model, canvas: torch.Tensor, cache: PromptCache, self_conditio
     i - 1 predicts token i); returns the hidden states [b, l, d] that predict the canvas."""
     if self_conditioning_logits is not None or self_conditioning_embeddings is not None:
         raise no_self_conditioning("Dream", "dream")
-    return canvas_hidden(lambda x, mask: _final_hidden(unwrap(model), x, mask), canvas, cache, shift=1)
+    return canvas_hidden(lambda x, mask: base_hidden(unwrap(model), x, mask), canvas, cache, shift=1)
 
 
-def _final_hidden(core, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states [b, s, d] of the base model `core.model` (Dream's `DreamBaseModel`, which hands
-    its attention mask to SDPA as a boolean mask: a key mask [b, 1, 1, s] here, so that every query, padding's too,
-    attends to the row's real tokens)."""
+def base_hidden(core, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states [b, s, d] of the base model `core.model` (Dream's `DreamBaseModel`, and
+    LLaDA-MoE's `LLaDAMoEModel`, hand their attention mask to SDPA as it is: a key mask [b, 1, 1, s] here, so that
+    every query, padding's too, attends to the row's real tokens)."""
     return core.model(input_ids=x, attention_mask=mask.bool()[:, None, None, :], return_dict=False)[0]
 
 

@@ -37,6 +37,7 @@ LLADA = register_family(ModelFamily(
     lora_target_modules=r"model\.transformer\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
     noise="mask",
     remote_code=True,  # LLaDAModelLM is not a transformers class: its modeling file ships with the checkpoint
+    mask_token_id=126336,  # GUIDELINES.md: mask id 126,336
     calls=__name__,
 ))
 

@@ -46,6 +46,7 @@ LLADA2 = register_family(ModelFamily(
     noise="mask",
     remote_code=True,  # LLaDA2MoeModelLM is not a transformers class: its modeling file ships with the checkpoint
     block_diffusion=True,
+    mask_token_id=156895,  # LLaDA2's generate(mask_id=156895)
     calls=__name__,
 ))
 
@@ -58,6 +59,7 @@ SDAR = register_family(ModelFamily(  # JetAstra/SDAR: Qwen3's names, block-causa
     noise="mask",
     remote_code=True,
     block_diffusion=True,
+    mask_token_id=151669,  # SDAR's <|MASK|> (as unsloth's SDAR profile records it)
     calls=__name__,
 ))
 

@@ -29,12 +29,22 @@ class PromptCache:
         """The prompt columns."""
         return self.input_ids.shape[1]
 
+    def select_rows(self, idx: torch.Tensor) -> "PromptCache":
+        """The rows `idx` (the fast sampler retires finished rows)."""
+        return PromptCache(self.input_ids.index_select(0, idx), self.attention_mask.index_select(0, idx))
+
 
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, position_ids=None):
     """(PromptCache, None): these families have no separate encoder pass; the prompt is read again with each
-    canvas."""
+    canvas. With `cache` (an answer of several canvases), `input_ids` [b, n] (a finished canvas) is appended to
+    each row's tokens, right after its real ones."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if cache is not None:
+        ids = torch.cat([cache.input_ids, input_ids], dim=1)
+        mask = torch.cat([cache.attention_mask, attention_mask], dim=1)
+        order = torch.argsort((mask == 0).int(), dim=1, stable=True)  # each row's real tokens first, in order
+        input_ids, attention_mask = ids.gather(1, order), mask.gather(1, order)
     return PromptCache(input_ids, attention_mask), None
 
 

@@ -45,6 +45,19 @@ def randomise_lora_b(model, scale: float = 0.05, seed: int = 0):
     return model
 
 
+def sharpened(model, std: float = 0.4, seed: int = 0):
+    """`model` (float32) with every matrix redrawn at `std`: at the init's 0.02 every [MASK] position predicts nearly
+    the same distribution, and a sampler's rankings and thresholds would be decided by rounding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.float()
+
+
 def loss_against_transcription(model, tok, objective: str, reference):
     """(dgtune's loss dict, the reference's loss) for `objective=<objective>` on 3 rows with right-padded prompts
     of different lengths and 12-token answers, on identical draws: dgtune's order (t [b], then the corruption

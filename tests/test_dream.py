@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import loss_against_transcription
+from conftest import loss_against_transcription, sharpened
 
 from dgtune.config import compose
 from dgtune.diffusion.model_calls import decode_hidden, encode, lm_logits
@@ -27,12 +27,7 @@ def dream():
     nearly the same distribution, and the samplers' rankings would be decided by rounding (entropies 1e-5 apart)."""
     model, tok = build_tiny_dream(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-    return model.float(), tok
+    return sharpened(model), tok
 
 
 def test_profile_names_and_lora_pattern(dream):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import loss_against_transcription
+from conftest import loss_against_transcription, sharpened
 from omegaconf import OmegaConf
 
 from dgtune.config import compose
@@ -26,12 +26,7 @@ def moe():
     """The tiny LLaDA-MoE with its matrices redrawn at std 0.4 (distinct confidences for the sampler's rankings)."""
     model, tok = build_tiny_llada_moe(seed=0, hidden_size=32, expert_intermediate_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, num_experts=4)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-    return model.float(), tok
+    return sharpened(model), tok
 
 
 def test_profile_names_lora_pattern_and_architecture_first(moe):

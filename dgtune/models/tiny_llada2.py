@@ -198,17 +198,18 @@ class LLaDA2MoeModel(nn.Module):
         return (self.norm(x),)
 
 
-class LLaDA2MoeModelLM(PreTrainedModel):
-    """The tiny LLaDA2: `forward(input_ids, attention_mask, position_ids)` -> output with `.logits` [b, s, v], the
-    call LLaDA2's `generate()`, dFactory's trainer and diffusers' `LLaDA2Pipeline` make."""
+class TinyLMHeadModel(PreTrainedModel):
+    """A tiny model built in code: `model` (the family's stack, `stack_class`, returning (final hidden states,)) and an
+    untied head `lm_head`; `forward(input_ids, attention_mask, position_ids)` -> output with `.logits` [b, s, v], the
+    call the families' own samplers and trainers make. A family's tiny model subclasses it with its names."""
 
-    config_class = TinyLLaDA2Config
     base_model_prefix = "model"
-    _no_split_modules = ["LLaDA2MoeDecoderLayer"]
+    stack_class: type = nn.Module
+    embedding_name: str = ""  # the stack's token embedding
 
-    def __init__(self, config: TinyLLaDA2Config):
+    def __init__(self, config):
         super().__init__(config)
-        self.model = LLaDA2MoeModel(config)
+        self.model = self.stack_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -217,13 +218,22 @@ class LLaDA2MoeModelLM(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
 
     def get_input_embeddings(self):
-        return self.model.word_embeddings
+        return getattr(self.model, self.embedding_name)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        """Logits [b, s, v] (as LLaDA2's `model(x, attention_mask=..., position_ids=...).logits`)."""
+        """Logits [b, s, v]: position i's own (no shift)."""
         from transformers.modeling_outputs import CausalLMOutput
 
         return CausalLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask, position_ids)[0]))
+
+
+class LLaDA2MoeModelLM(TinyLMHeadModel):
+    """The tiny LLaDA2 (`TinyLMHeadModel` with LLaDA2's names)."""
+
+    config_class = TinyLLaDA2Config
+    stack_class = LLaDA2MoeModel
+    embedding_name = "word_embeddings"
+    _no_split_modules = ["LLaDA2MoeDecoderLayer"]
 
 
 def build_tiny_llada2(seed: int = 0, **sizes) -> tuple[LLaDA2MoeModelLM, object]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from dgtune.models.tiny_llada import RMSNorm, build_with_char_tokenizer, rotate
 from dgtune.models.tiny_llada2 import LLaDA2MoeMLP as ExpertMLP  # the same SwiGLU names (gate/up/down_proj)
+from dgtune.models.tiny_llada2 import TinyLMHeadModel
 
 # LLaDA-MoE-7B-A1B weight names (one layer shown; experts 0..63), read from the module definitions of
 # `modeling_lladamoe.py` (dllm's copy): the test data of the family's LoRA pattern
@@ -141,31 +142,13 @@ class LLaDAMoEModel(nn.Module):
         return (self.norm(x),)
 
 
-class LLaDAMoEModelLM(PreTrainedModel):
-    """The tiny LLaDA-MoE: `model(input_ids, attention_mask, position_ids)` -> (hidden,); `forward` -> logits."""
+class LLaDAMoEModelLM(TinyLMHeadModel):
+    """The tiny LLaDA-MoE (`TinyLMHeadModel` with LLaDA-MoE's names): position i's logits predict token i."""
 
     config_class = TinyLLaDAMoEConfig
-    base_model_prefix = "model"
+    stack_class = LLaDAMoEModel
+    embedding_name = "embed_tokens"
     _no_split_modules = ["LLaDAMoEDecoderLayer"]
-
-    def __init__(self, config: TinyLLaDAMoEConfig):
-        super().__init__(config)
-        self.model = LLaDAMoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        """Logits [b, s, v] (as LLaDA-MoE's `model(x).logits`: position i predicts token i)."""
-        from transformers.modeling_outputs import CausalLMOutput
-
-        return CausalLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask, position_ids)[0]))
 
 
 def build_tiny_llada_moe(seed: int = 0, **sizes) -> tuple[LLaDAMoEModelLM, object]:

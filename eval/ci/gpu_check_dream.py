@@ -5,7 +5,8 @@ Dream-org/Dream-v0-Instruct-7B (the lent machines reach no hub: copy the folder 
 
 What only the real checkpoint can show (tests/test_dream.py shows the rest on the tiny Dream):
 1. the profile recognises its config (architecture DreamModel) and loading without `trust_remote_code` is refused
-   with dgtune's one-line error;
+   with dgtune's one-line error, and with it the folder loads through dgtune's own loader
+   (`gpu_check_common.refuse_then_load`: the profile's class, the family's [MASK]);
 2. the LoRA pattern adapts exactly q/k/v/o and gate/up/down of every layer (7 per layer) and not `lm_head`;
 3. dgtune's family calls (`encode` -> `decode_hidden` -> `lm_logits`) give the checkpoint's own logits shifted by
    one, `model(input_ids=[prompt ; canvas]).logits[:, p - 1 : p - 1 + l]` (bf16, max abs difference printed,
@@ -32,34 +33,23 @@ sys.path.insert(0, str(ROOT / "eval" / "ci"))
 
 def main() -> None:
     """Run the five checks on the checkpoint folder given."""
-    from omegaconf import OmegaConf
-    from transformers import AutoModel, AutoTokenizer
-
     from dgtune.config import compose
     from dgtune.diffusion.loss import denoising_loss
     from dgtune.diffusion.model_calls import decode_hidden, encode, lm_logits
     from dgtune.diffusion.objective import ObjectiveConfig
-    from dgtune.errors import ConfigError
     from dgtune.models.family import family_of
-    from dgtune.models.load import load_model
     from dgtune.sampling.config import SamplerConfig
     from dgtune.sampling.sampler import sample
     from dgtune.train import apply_lora
     from dream_reference import dream_generate, dream_sft_loss
+    from gpu_check_common import refuse_then_load
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--gen", type=int, default=32)
     args = p.parse_args()
-    cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": args.path})
-    try:
-        load_model(cfg)
-        raise AssertionError("loaded without trust_remote_code")
-    except ConfigError as e:
-        print("[dream] 1 refused without trust_remote_code:", str(e)[:100])
-    model = AutoModel.from_pretrained(args.path, trust_remote_code=True, torch_dtype=torch.bfloat16).cuda().eval()
-    tok = AutoTokenizer.from_pretrained(args.path, trust_remote_code=True)
+    model, tok = refuse_then_load(args.path, "dream")
     assert family_of(model).name == "dream"
     mask_id = 151666
 

@@ -6,7 +6,8 @@ folder there first). Not a test.
 
 What only the real checkpoint can show (tests/test_llada2.py shows the rest on the tiny LLaDA2):
 1. the profile recognises its config (architecture LLaDA2MoeModelLM) and loading without `trust_remote_code` is
-   refused with dgtune's one-line error;
+   refused with dgtune's one-line error, and with it the folder loads through dgtune's own loader
+   (`gpu_check_common.refuse_then_load`: the profile's class, the family's [MASK]);
 2. the LoRA pattern adapts the attention of every layer, the dense first layer's MLP and every shared expert, and
    no router, routed expert, embedding or `lm_head`;
 3. dgtune's family calls (`window_hidden` -> `lm_logits`) give the checkpoint's own logits under the 4-D
@@ -35,21 +36,17 @@ sys.path.insert(0, str(ROOT / "eval" / "ci"))
 
 def main() -> None:
     """Run the five checks on the checkpoint folder given."""
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dgtune.config import compose
     from dgtune.diffusion.loss import denoising_loss
     from dgtune.diffusion.model_calls import lm_logits
     from dgtune.diffusion.objective import ObjectiveConfig
-    from dgtune.errors import ConfigError
     from dgtune.models.families.llada2 import window_hidden
     from dgtune.models.family import family_of
-    from dgtune.models.load import load_model
     from dgtune.sampling.config import SamplerConfig
     from dgtune.sampling.sampler import sample
     from dgtune.train import apply_lora
     from llada2_reference import block_causal_4d, llada2_bd_loss
+    from gpu_check_common import refuse_then_load
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
@@ -57,15 +54,7 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--block", type=int, default=32)
     args = p.parse_args()
-    cfg = OmegaConf.merge(compose(["model=diffusiongemma_26b"]).model, {"name_or_path": args.path})
-    try:
-        load_model(cfg)
-        raise AssertionError("loaded without trust_remote_code")
-    except ConfigError as e:
-        print("[llada2] 1 refused without trust_remote_code:", str(e)[:100])
-    model = AutoModelForCausalLM.from_pretrained(args.path, trust_remote_code=True,
-                                                 torch_dtype=torch.bfloat16).cuda().eval()
-    tok = AutoTokenizer.from_pretrained(args.path, trust_remote_code=True)
+    model, tok = refuse_then_load(args.path, "llada2")
     assert family_of(model).name == "llada2"
     model.config.block_size = args.block
     mask_id, eos_id = 156895, 156892

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from dgtune.diffusion.model_calls import unwrap
+from dgtune.models.families.dream import (  # noqa: F401 (the transformers-layout calls it shares with Dream)
+    encoder_layers, lm_head_weight, lm_logits, vocab_size)
 from dgtune.models.family import ModelFamily, register_family
 from dgtune.models.families.one_stack import (  # noqa: F401 (calls this family shares: model_calls reads them here)
     PromptCache, decoder_context, encode, has_sliding_layers, no_self_conditioning, training_cache)
@@ -132,16 +134,6 @@ def decode_hidden(model, canvas: torch.Tensor, cache: PromptCache, self_conditio
     return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The output head `lm_head` on hidden [b, l, d] -> [b, l, v]."""
-    return unwrap(model).lm_head(hidden)
-
-
-def lm_head_weight(model) -> tuple[torch.Tensor, float | None]:
-    """(head weight [v, d], no soft-cap)."""
-    return unwrap(model).lm_head.weight, None
-
-
 def self_conditioning_embeddings(model, hidden, mask, chunk, loo=None):
     """The family has no self-conditioning."""
     raise no_self_conditioning("block-diffusion", "llada2")
@@ -150,13 +142,3 @@ def self_conditioning_embeddings(model, hidden, mask, chunk, loo=None):
 def embedding_dtype(model) -> torch.dtype:
     """The token embedding's dtype."""
     return unwrap(model).get_input_embeddings().weight.dtype
-
-
-def vocab_size(model) -> int:
-    """The output vocabulary."""
-    return unwrap(model).config.vocab_size
-
-
-def encoder_layers(model) -> list:
-    """The stack's layers (`model.layers`): gradient checkpointing wraps each (they read and write no cache)."""
-    return list(unwrap(model).model.layers)

@@ -1,5 +1,5 @@
 """What every model family built in code must do through dgtune's own paths (LLaDA and Dream, the one-stack
-families, and LLaDA2, block diffusion; DiffusionGemma's are the rest of the suite): `recipe=sudoku_4x4` with its tiny model trains a few LoRA
+families, and LLaDA2 and SDAR, block diffusion; DiffusionGemma's are the rest of the suite): `recipe=sudoku_4x4` with its tiny model trains a few LoRA
 steps, evaluates at two step counts and exports; a real checkpoint's config without `model.trust_remote_code=true`
 is one clear error; gradient checkpointing replays every layer and changes no number. The per-family facts (names,
 LoRA pattern, loss and sampler parity with the family's published code) are in tests/test_llada.py,
@@ -27,6 +27,8 @@ FAMILIES = {
     "llada2": (["model=llada2_tiny", "objective=llada2", "sampler=block_refine"],
                {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
                 "vocab_size": 157184}),
+    "sdar": (["model=sdar_tiny", "objective=sdar", "sampler=block_refine"],  # SDAR-4B-Chat's config.json
+             {"architectures": ["SDARForCausalLM"], "model_type": "sdar", "hidden_size": 2560, "vocab_size": 151936}),
 }
 
 
@@ -84,6 +86,12 @@ def _tiny(family):
 
         model, tok = build_tiny_llada2(seed=0, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, block_size=4)
+        return model, tok, lambda m: m.get_base_model().model.layers[0].input_layernorm
+    if family == "sdar":
+        from dgtune.models.tiny_sdar import build_tiny_sdar
+
+        model, tok = build_tiny_sdar(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, block_size=4)
         return model, tok, lambda m: m.get_base_model().model.layers[0].input_layernorm
     from dgtune.models.tiny_dream import build_tiny_dream
 

@@ -361,15 +361,61 @@ def test_rft_trains_the_approved_rows_only_scaled_by_their_share(tmp_path):
     assert float(method.module(method._rollouts(1, torch.device("cpu"), None))["loss"]) == 0.0
 
 
+def test_rft_hindsight_trains_a_missed_completion_under_the_prompt_it_answers(tmp_path):
+    """rft with `method.hindsight`: rows the verifier rejects but `task.relabel` rewrites are trained under the
+    rewritten prompt (right-padded, its own length), beside the approved rows; the rest are left out; the share is
+    logged. A task without `relabel`, or hindsight without rft, is a config error."""
+    from dgtune.data import prompt_ids, row_prompt, splits_for
+    from dgtune.errors import ConfigError
+    from dgtune.models.tiny import build_tiny_model
+    from dgtune.rl.method import RL as Method
+    from dgtune.tasks import build_task
+
+    over = ["task=countdown_cd3", "task.n_train=64", "method.objective=rft", "method.hindsight=true"]
+    cfg = compose([*BASE, *RL, *over, f"data_dir={tmp_path}"])
+    task = build_task(cfg.task)
+    model, tok = build_tiny_model(seed=0, hidden_size=64, num_hidden_layers=2, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, canvas_length=task.canvas_length)
+    method = Method(cfg, task, splits_for(task, cfg), model, tok, 1)
+    seen = []
+
+    def relabel(row, text):  # every third rejected row answers the puzzle with target 1000 + its call's index
+        seen.append(row)
+        i = len(seen) - 1
+        return None if i % 3 else {**row, "prompt": row["prompt"].replace("countdown:", f"countdown:{1000 + i}")}
+
+    task.relabel = relabel
+    verdicts = iter([0.0, 1.0] + [0.0] * 14)  # row 1 solves its own target: approved, never relabelled
+    method.rewarder = lambda row, text: (next(verdicts), {})
+    ro = method._rollouts(0, torch.device("cpu"), None)
+    calls = [0, 3, 6, 9, 12]  # of relabel's 15 calls (rows 0, 2, 3, ..., 15): rows 0, 4, 7, 10, 13
+    assert len(seen) == 15 and ro.relabelled == 5 / 16 and ro.scale == 6 / 16
+    assert ro.batch.canvas.shape[0] == 6  # rows 0, 1, 4, 7, 10, 13 in order
+    for k, i in zip([0, 2, 3, 4, 5], calls):
+        want = prompt_ids(tok, row_prompt({**seen[i], "prompt": seen[i]["prompt"].replace("countdown:",
+                                                                                           f"countdown:{1000 + i}")}))
+        n = int(ro.batch.prompt_len[k])
+        assert ro.batch.input_ids[k, :n].tolist() == want and n > len(prompt_ids(tok, row_prompt(seen[i])))
+        assert not ro.batch.attention_mask[k, n:].any()
+    assert float(method.module(ro)["relabelled"]) == 5 / 16
+    with pytest.raises(ConfigError, match="hindsight.*relabel.*'sudoku.*none"):
+        Method(compose([*BASE, *RL, "method.objective=rft", "method.hindsight=true", f"data_dir={tmp_path}"]),
+               build_task(compose(BASE).task), {"train": []}, model, tok, 1)
+    with pytest.raises(ConfigError, match="hindsight=true takes method.objective=rft.*'grpo'"):
+        Method(compose([*BASE, *RL, *over[:2], "method.hindsight=true", f"data_dir={tmp_path}"]), task,
+               {"train": []}, model, tok, 1)
+
+
 @pytest.mark.trains
 @pytest.mark.parametrize("family", [["model=llada_tiny", "objective=llada", "sampler=topk_confidence_mask"],
                                     ["model=dream_tiny", "objective=dream", "sampler=dream_entropy"],
-                                    ["model=llada2_tiny", "objective=llada2", "sampler=block_refine"]],
-                         ids=["llada", "dream", "llada2"])  # the rollouts commit sampled tokens: argmax groups are flat
+                                    ["model=llada2_tiny", "objective=llada2", "sampler=block_refine"],
+                                    ["model=sdar_tiny", "objective=sdar", "sampler=block_refine"]],
+                         ids=["llada", "dream", "llada2", "sdar"])  # the rollouts commit sampled tokens: argmax groups are flat
 def test_rl_objectives_run_on_the_built_families(tmp_path, monkeypatch, family):
     """GRPO with d1's one-pass estimate (whose corruption is [MASK] for these families' objectives), GRPO with the
     sampler's own trajectory (not for block diffusion, whose sampler keeps no trace: one clear error) and rft each
-    take 3 steps on the tiny LLaDA, Dream and LLaDA2 (model sizes shrunk): finite losses, the rollouts' rewards
+    take 3 steps on the tiny LLaDA, Dream, LLaDA2 and SDAR (model sizes shrunk): finite losses, the rollouts' rewards
     logged, the adapter moved."""
     from safetensors.torch import load_file
 
@@ -380,7 +426,7 @@ def test_rl_objectives_run_on_the_built_families(tmp_path, monkeypatch, family):
     family = [*family, "sampler.commit=sample"]
     runs = [("one_pass", []), ("trajectory", ["method.estimator=trajectory"]),
             ("rft", ["method.objective=rft", "method.rft_min_reward=0.01", "method.group_size=1"])]
-    if "llada2_tiny" in family[0]:
+    if family[0] in ("model=llada2_tiny", "model=sdar_tiny"):
         with pytest.raises(ValueError, match="block-diffusion.*no guide, trace"):
             train(_rl_cfg(tmp_path, "trajectory", *family, *small, f"method.reward_fn={fn}", "trainer.max_steps=3",
                           "method.estimator=trajectory"))
@@ -402,9 +448,9 @@ def test_approved_rows_are_this_process_slice_of_every_process_approvals():
 
     tok = types.SimpleNamespace(pad_token_id=0)
     batch = _completions(tok, n=3)
-    sub, rows = approved_rows(batch, torch.tensor([0.5, 0.0, 1.0]), 0.5, None, 0)
+    sub, rows = approved_rows(batch, torch.tensor([True, False, True]), None, 0)
     assert torch.equal(sub.canvas, batch.canvas[[0, 2]]) and rows == slice(0, 2)
-    sub, rows = approved_rows(batch, torch.tensor([0.0, 0.0, 0.0]), 0.5, None, 0)
+    sub, rows = approved_rows(batch, torch.tensor([False, False, False]), None, 0)
     assert sub.canvas.shape[0] == 1 and rows is None
 
 

@@ -182,3 +182,24 @@ def test_countdown_reads_d1s_jsonl_test_file(tmp_path):
     bad.write_text('{"input": "1,2,3", "output": "6"}\n{"input": "1,2"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: expected"):
         task.load_test_file(str(bad))
+
+
+def test_countdown_relabel_makes_a_legal_miss_the_answer_to_its_own_value():
+    """Hindsight: a legal expression that misses the target answers the puzzle whose target is its value (same
+    numbers, level and graded solved there); an illegal, fractional, out-of-range or number-valued one answers none."""
+    task = CountdownTask({"cd3": {"count": 3, "max_num": 100, "min_target": 1, "max_target": 100}}, require_all=True)
+    rows = [(r, [int(x) for x in r["puzzle"].split(",")]) for r in task.build_split("train", 40, 0)]
+    row, (a, b, c) = next((r, n) for r, n in rows if sum(n) <= 100 and sum(n) != int(r["solution"]))
+    new = task.relabel(row, f"{a}+{b}+{c}")
+    assert new["prompt"] == f"countdown:{a + b + c};{a},{b},{c}" and new["bucket"] == row["bucket"] == "cd3"
+    assert task.grade(new, f"{a}+{b}+{c}")["solved"] == 1.0 and task.grade(row, f"{a}+{b}+{c}")["solved"] == 0.0
+    row = task.row_from_prompt("countdown:50;30,12,8")
+    row["bucket"] = "cd3"
+    assert task.relabel(row, "30+12-8")["prompt"] == "countdown:34;30,12,8"
+    assert task.relabel(row, " (30-12)*8 ") is None  # 144 > max_target
+    assert task.relabel(row, "30+12") is None  # require_all: 8 unused
+    assert task.relabel(row, "30:12*8")["prompt"] == "countdown:20;30,12,8"  # a fraction on the way is legal
+    assert task.relabel(row, "30:8+12") is None  # 15.75 is not whole
+    assert task.relabel(row, "30+12-(8") is None  # does not parse
+    assert task.relabel(row, "30-12-8+8-8") is None  # 8 three times
+    assert task.relabel(task.row_from_prompt("countdown:50;4,2,2"), "4*2:2") is None  # 4 is one of the numbers

@@ -92,7 +92,8 @@ def denoising_loss(
     # Corruption: the objective's noise kind (`dgtune.diffusion.objective.NOISES`)
     noise = noise_for(cfg)
     t = sample_noise_level(b, cfg.eps, generator, device, cfg.t_power)  # [b]
-    noisy, corrupted = noise.corrupt(clean, t, vocab_size, mask_token_id, generator, keep)  # [b, l], [b, l]
+    noisy, corrupted, *redrawn = noise.corrupt(clean, t, vocab_size, mask_token_id, generator, keep)  # [b, l] x2
+    t = redrawn[0] if redrawn else t  # a law that redraws empty rows' levels (sdar) returns them
     sc_gate = torch.rand(b, generator=generator, device=device) < cfg.self_cond_p  # [b]
 
     sc_input = t_sc = None  # the self-conditioning pass' canvas [b, l] and its noise level [b], when it runs

@@ -175,7 +175,8 @@ def masked_canvas_loss(
 @dataclass(frozen=True)
 class Noise:
     """One corruption kind of the objective (`objective.kind`), all the loss needs to know of it:
-    `corrupt(clean [b, l], t [b], vocab_size, mask_id, generator, keep) -> (noisy [b, l], corrupted [b, l] bool)`;
+    `corrupt(clean [b, l], t [b], vocab_size, mask_id, generator, keep) -> (noisy [b, l], corrupted [b, l] bool)`,
+    or `(noisy, corrupted, t)` for a law that redraws some rows' levels (SDAR's: the weights then read the new t);
     `replacement(clean, vocab_size, mask_id, generator) -> [b, l]` the tokens a further corruption writes (the
     self-conditioning pass with `sc_noise_gap`); `token_weights(clean, corrupted, t, weight, cfg) -> [b, l]` the
     per-position weights of the canvas cross-entropy (the loss is their weighted sum; `weight` [b, l]: 0 = template
@@ -279,6 +280,53 @@ register_noise("llada2", Noise(  # LLaDA2's law: mask rate p ~ U(0.3, 0.8) (p = 
         clean, LLADA2_RANGE[0] + (LLADA2_RANGE[1] - LLADA2_RANGE[0]) * t, _need_mask(mask_id), gen, keep),
     replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
     token_weights=lambda clean, corrupted, t, weight, cfg: llada2_token_weights(corrupted),
+))
+
+
+SDAR_TRIES = 10  # JetAstra/SDAR modeling_sdar.py forward_add_noise_packed(max_tries=10)
+
+
+def corrupt_sdar(clean: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Generator,
+                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDAR's corruption (JetAstra/SDAR `training/model/SDAR-4B-Chat/modeling_sdar.py`, `forward_add_noise_packed`,
+    one answer per row): each free position (not `keep`) becomes [MASK] with probability p = (1 - 1e-3) t + 1e-3; a
+    row with nothing masked draws a new level and mask, up to 10 tries in all, and after that has one free position,
+    chosen uniformly, masked. Every retry draws u [b] then [b, l] for the whole batch (a row reads them only while it
+    is empty), so a row's outcome does not depend on the other rows. (noisy [b, l], corrupted [b, l], t [b]: each
+    row's level of its last try)."""
+    b, l = clean.shape
+    free = torch.ones_like(clean, dtype=torch.bool) if keep is None else ~keep  # [b, l]
+    corrupted = (torch.rand(b, l, generator=generator, device=clean.device) < llada_mask_rate(t)[:, None]) & free
+    for _ in range(SDAR_TRIES - 1):
+        empty = ~corrupted.any(-1) & free.any(-1)  # [b]
+        if not bool(empty.any()):
+            break
+        t_new = torch.rand(b, generator=generator, device=clean.device)  # [b]
+        redrawn = (torch.rand(b, l, generator=generator, device=clean.device) < llada_mask_rate(t_new)[:, None]) & free
+        t = torch.where(empty, t_new, t)
+        corrupted = torch.where(empty[:, None], redrawn, corrupted)
+    empty = ~corrupted.any(-1) & free.any(-1)
+    if bool(empty.any()):  # 10 empty tries: one free position, uniformly (SDAR: randint over the eligible ones)
+        r = torch.rand(b, generator=generator, device=clean.device)  # [b]
+        k = (r * free.sum(-1)).long()  # [b] the k-th free position
+        pick = free & (free.long().cumsum(-1) == (k + 1)[:, None])  # [b, l]
+        corrupted = torch.where(empty[:, None], pick, corrupted)
+    return torch.where(corrupted, torch.full_like(clean, mask_id), clean), corrupted, t
+
+
+def sdar_token_weights(corrupted: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-position weights [b, l] of SDAR's SFT loss (`SDARForCausalLM.forward`, training branch): 1 / p on the
+    masked positions (`FusedLinearDiffusionCrossEntropyLoss` divides by `p_mask`, reduction sum), divided by the
+    answer tokens of the whole batch (`answer_len = (labels != -100).sum()`: the free positions, EOS padding
+    included)."""
+    free = torch.ones(corrupted.shape, device=corrupted.device) if weight is None else weight.float()  # [b, l]
+    return corrupted.float() / llada_mask_rate(t)[:, None] * free / free.sum().clamp(min=1.0)
+
+
+register_noise("sdar", Noise(  # SDAR's law: p = (1 - 1e-3) t + 1e-3, redrawn until something is masked, 1 / p
+    corrupt=lambda clean, t, vocab, mask_id, gen, keep: corrupt_sdar(clean, t, _need_mask(mask_id), gen, keep),
+    replacement=lambda clean, vocab, mask_id, gen: torch.full_like(clean, _need_mask(mask_id)),
+    token_weights=lambda clean, corrupted, t, weight, cfg: sdar_token_weights(corrupted, t, weight),
 ))
 
 

@@ -9,4 +9,5 @@ BUILT = {
     "dream_tiny": "dgtune.models.tiny_dream:build_tiny_dream",
     "llada2_tiny": "dgtune.models.tiny_llada2:build_tiny_llada2",
     "llada_moe_tiny": "dgtune.models.tiny_llada_moe:build_tiny_llada_moe",
+    "sdar_tiny": "dgtune.models.tiny_sdar:build_tiny_sdar",
 }

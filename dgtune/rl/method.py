@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from omegaconf import OmegaConf
 
-from dgtune.data import batch_indices
+from dgtune.data import batch_indices, prompt_ids, row_prompt
 from dgtune.diffusion.loss import denoising_loss
 from dgtune.diffusion.model_calls import vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
@@ -60,6 +60,7 @@ class Rollouts:
     est_var: float | None  # mean over rows of the estimator's variance across repeated draws (when measured)
     tokens: int
     noise_seed: int = 0  # rft: the seed of the denoising loss' draws (seed, block)
+    relabelled: float = 0.0  # rft with hindsight: share of the rows approved as answers to their own value
     loss_rows: slice | None = None  # rft: this process' rows of `batch`, the approved rows of every process
 
 
@@ -83,6 +84,8 @@ class PolicyLoss(torch.nn.Module):
                                  m.mask_id, rows=ro.loss_rows)
             loss = sft["loss"]
             stats = {"diffusion_loss": sft["diffusion_loss"], "approved": torch.tensor(ro.scale, device=device)}
+            if m.hindsight:
+                stats["relabelled"] = torch.tensor(ro.relabelled, device=device)
         else:
             loss, stats = self._policy_loss(ro)
         out = {"loss": loss * ro.scale, "reward": ro.rewards.mean().to(device), "reward_std": ro.rewards.std().to(device),
@@ -123,6 +126,13 @@ class RL:
         self.skip_flat = bool(m.get("skip_flat_groups", False)) and self.beta == 0
         self.rft = self.objective == "rft"  # self-training on approved completions: no estimator, ratio or KL
         self.rft_min = float(m.get("rft_min_reward", 1.0))
+        # hindsight: a completion that misses its target but is a verified answer to another (`task.relabel`)
+        # trains as that answer, its prompt rewritten (Countdown: a legal expression answers its own value)
+        self.hindsight = bool(m.get("hindsight", False))
+        if self.hindsight and not (self.rft and callable(getattr(task, "relabel", None))):
+            raise ConfigError(f"method.hindsight=true takes method.objective=rft (got {self.objective!r}) and a task "
+                              f"that rewrites a row for an answer it did not ask for (`relabel(row, output)`; "
+                              f"task {getattr(task, 'name', task)!r} has {'one' if hasattr(task, 'relabel') else 'none'})")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"method.objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.estimator not in ESTIMATORS:
@@ -257,8 +267,13 @@ class RL:
         if not bool(cfg.method.get("negatives", True)):  # only the better completions are pulled up
             adv = adv.clamp(min=0.0)
         live = torch.arange(len(mine))  # the rows the loss reads
+        approve = rewards >= self.rft_min  # [b] rft: the completions it trains on
+        relabelled = [None] * len(mine)  # [b] hindsight: the row each missed completion answers (None: none)
+        if self.hindsight:
+            relabelled = [None if ok else task.relabel(r, t) for ok, r, t in zip(approve.tolist(), mine, texts)]
+            approve = approve | torch.tensor([r is not None for r in relabelled], dtype=torch.bool)
         if self.rft:  # the approved completions, flat groups included (gathered from every process below)
-            live = (rewards >= self.rft_min).nonzero().squeeze(1)
+            live = approve.nonzero().squeeze(1)
         elif self.skip_flat:
             varied = rewards.view(-1, self.group_size).std(-1, unbiased=False) >= 1e-6  # as group_advantages
             live = varied.repeat_interleave(self.group_size).nonzero().squeeze(1)
@@ -266,11 +281,17 @@ class RL:
         if live.numel() == 0:  # no signal in this process' rows: one group with weight 0 (every process runs the model)
             live = torch.arange(self.group_size)
         canvas = pad_after_eos(canvas, eos, eos)  # the SFT canvas form: EOS-filled after the first EOS
-        s = max(prompts.shape[1] for _, prompts in groups)
+        rewritten = {i: prompt_ids(tok, row_prompt(r)) for i, r in enumerate(relabelled) if r is not None}
+        s = max([prompts.shape[1] for _, prompts in groups] + [len(ids) for ids in rewritten.values()])
         input_ids = torch.full((len(mine), s), pad, dtype=torch.long)  # right-padded prompts
         attention = torch.zeros(len(mine), s, dtype=torch.long)
         for idx, prompts in groups:
             input_ids[idx, : prompts.shape[1]], attention[idx, : prompts.shape[1]] = prompts, 1
+        for i, ids in rewritten.items():  # hindsight: the prompt the completion answers
+            input_ids[i], attention[i] = pad, 0
+            input_ids[i, : len(ids)], attention[i, : len(ids)] = torch.tensor(ids), 1
+            if template is not None:
+                template[i] = task.template_tensor(tok, [relabelled[i]])[0]
         batch = Completions(input_ids.to(device), attention.to(device), attention.sum(-1).to(device),
                             canvas.to(device), None if template is None else (template >= 0).to(device),
                             seeds.to(device), None if parts is None else
@@ -279,7 +300,7 @@ class RL:
                                              ).to(device))
         loss_rows = None
         if self.rft:  # every process' approved rows, this process' slice of them (as SFT's rows of a global batch)
-            batch, loss_rows = approved_rows(batch, rewards.to(device), self.rft_min, rows, pad)
+            batch, loss_rows = approved_rows(batch, approve.to(device), rows, pad)
         else:
             batch = batch.rows(live.to(device))  # [b'] the rows the loss reads
         old = ref = var = None
@@ -297,7 +318,8 @@ class RL:
         if was_training:
             self.model.train()
         return Rollouts(batch, rewards.to(device), adv[live].to(device), scale, solved.to(device), flat, old, ref, var,
-                        int(attention.sum()) + canvas.numel(), noise_seed=base * 7, loss_rows=loss_rows)
+                        int(attention.sum()) + canvas.numel(), noise_seed=base * 7, loss_rows=loss_rows,
+                        relabelled=len(rewritten) / len(mine))
 
     def micro_step(self, module, micro_step: int, device, rows: slice | None) -> tuple[dict, int]:
         """(loss dict of this process' rows, tokens) for optimizer step `micro_step` (grad_accum is 1)."""
@@ -327,9 +349,9 @@ def gather_rows(x: torch.Tensor, fill) -> torch.Tensor:
     return out.bool() if was_bool else out
 
 
-def approved_rows(batch: Completions, rewards: torch.Tensor, min_reward: float, rows: slice | None,
+def approved_rows(batch: Completions, approved: torch.Tensor, rows: slice | None,
                   pad_id: int) -> tuple[Completions, slice | None]:
-    """rft's loss batch: the completions of every process whose reward reaches `min_reward`, in global row order
+    """rft's loss batch: the completions of every process that are `approved` ([b] bool), in global row order
     (gathered when `rows`, this process' slice of the global rows, is set), and the slice of them that are this
     process' own. The denoising loss draws its noise for the whole approved batch and takes this slice, so N
     processes see the draws of one process with all the rows (`dgtune.diffusion.loss.denoising_loss`'s `rows`).
@@ -342,8 +364,8 @@ def approved_rows(batch: Completions, rewards: torch.Tensor, min_reward: float, 
                               (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask),
                                ("prompt_len", batch.prompt_len), ("canvas", batch.canvas), ("keep", batch.keep),
                                ("seeds", batch.seeds))))
-        rewards = gather_rows(rewards, 0)
-    ok = (rewards >= min_reward).nonzero().squeeze(1)  # [n] global indices of the approved rows
+        approved = gather_rows(approved, 0)
+    ok = approved.nonzero().squeeze(1)  # [n] global indices of the approved rows
     if ok.numel() == 0:
         return batch.rows(torch.arange(lo, lo + 1, device=ok.device)), None
     start, end = int((ok < lo).sum()), int((ok < hi).sum())

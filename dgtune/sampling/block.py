@@ -16,7 +16,9 @@ attention, `families/llada2.window_hidden`) and reading the current block's logi
 - with `editing_threshold` > 0 (LLaDA2.1): a committed answer token is rewritten when another token is predicted
   above it, and a block with no [MASK] left is refined until nothing changes (at most `max_post_steps` steps);
 - with `eos_early_stop`: a row that has committed an EOS with no [MASK] before it is frozen, and sampling ends when
-  every row is.
+  every row is;
+- a block with no [MASK] left gets one more pass (LLaDA2's `generate()`), or with `complete_block_pass=false` none
+  (SDAR's `generate.py`, `sampler=sdar_block`).
 The output is the answer with pad after each row's first EOS; `nfe` counts the forward passes of each unfinished row.
 """
 
@@ -120,6 +122,8 @@ def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator
             current = x[:, start:end]  # [b, l]
             active = current == mask_id
             masks_left = bool(active.any())
+            if not masks_left and not editing and not cfg.complete_block_pass:  # SDAR: the next block at once
+                break
             post += not masks_left
             nfe += (~finished).float()
             hidden = calls.window_hidden(model, x[:, :end], key_mask[:, :end])  # [b, end, d]

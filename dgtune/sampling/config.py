@@ -55,6 +55,9 @@ class SamplerConfig:
     editing_threshold: float = 0.0  # > 0: re-write committed tokens predicted otherwise above it (LLaDA2.1)
     max_post_steps: int = 16  # with editing: refinement steps after a block has no [MASK] left
     eos_early_stop: bool = True  # a row stops once it has committed EOS with no [MASK] before it
+    # a block with no [MASK] left gets one more pass (LLaDA2's generate(), where its editing acts; with commit=sample
+    # it draws); false: the next block starts at once (SDAR's generate.py)
+    complete_block_pass: bool = True
 
 
 @dataclass

@@ -228,6 +228,24 @@ class CountdownTask(StructuredTask):
             rows.append({**self._row(numbers, target, "", f"n{len(numbers)}"), "source": f"{p}:{lineno}"})
         return rows
 
+    def relabel(self, row: dict, output: str) -> dict | None:
+        """Hindsight (`method.hindsight`): the row that `output` solves, or None. A legal expression (the numbers
+        rule of `verify`) whose value is a whole number in the row's level's target range and not one of the
+        numbers is a verified solution of the puzzle with that value as its target, whatever target it missed."""
+        numbers = [int(x) for x in row["puzzle"].split(",")]
+        try:
+            value, used = parse_expression(output.strip())
+        except CountdownError:
+            return None
+        have, want = Counter(used), Counter(numbers)
+        if not ((have == want) if self.require_all else all(have[k] <= want[k] for k in have)):
+            return None
+        level = self.levels.get(row["bucket"])
+        lo, hi = (level.min_target, level.max_target) if level else (1, max(lv.max_target for lv in self.levels.values()))
+        if value.denominator != 1 or not lo <= value <= hi or int(value) in numbers:
+            return None
+        return {**row, **self._row(numbers, int(value), output.strip(), row["bucket"]), "source": row.get("source", "")}
+
     def grade(self, row: dict, output: str) -> dict[str, float]:
         """The rules (`verify`) and `exact` = the reference expression itself."""
         numbers = [int(x) for x in row["puzzle"].split(",")]

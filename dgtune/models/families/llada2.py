@@ -33,7 +33,7 @@ from dgtune.models.families.one_stack import (  # noqa: F401 (calls this family 
     PromptCache, decoder_context, encode, has_sliding_layers, no_self_conditioning, training_cache)
 
 __all__ = ["LLADA2", "SDAR", "PromptCache", "encode", "training_cache", "decoder_context", "decode_hidden",
-           "window_hidden", "lm_logits", "lm_head_weight", "self_conditioning_embeddings", "has_sliding_layers",
+           "window_hidden", "mask_argument", "lm_logits", "lm_head_weight", "self_conditioning_embeddings", "has_sliding_layers",
            "embedding_dtype", "vocab_size", "encoder_layers", "block_size", "block_causal_mask"]
 
 LLADA2 = register_family(ModelFamily(
@@ -55,7 +55,7 @@ LLADA2 = register_family(ModelFamily(
 SDAR = register_family(ModelFamily(  # JetAstra/SDAR: Qwen3's names, block-causal attention, block 4
     name="sdar",
     architectures=("SDARForCausalLM",),
-    model_types=("sdar",),
+    model_types=("sdar", "dgtune_tiny_sdar"),
     model_class="AutoModelForCausalLM",
     lora_target_modules=r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
     noise="mask",
@@ -66,6 +66,10 @@ SDAR = register_family(ModelFamily(  # JetAstra/SDAR: Qwen3's names, block-causa
 ))
 
 DEFAULT_BLOCK = {"llada2": 32, "sdar": 4}
+# How each family's modeling code reads a 4-D attention mask: LLaDA2's adds it to the scores (0 / -inf); SDAR's
+# attention takes `attention_mask.bool()` (True = attend) in eval and a flex-attention BlockMask in training
+# (JetAstra/SDAR modeling_sdar.py `SDARAttention.forward`), where an additive mask would be read backwards.
+MASK_FORM = {"llada2": "additive", "sdar": "bool_or_block_mask"}
 
 
 def block_size(model) -> int:
@@ -103,12 +107,27 @@ def window_hidden(model, x: torch.Tensor, key_mask: torch.Tensor, clean: torch.T
     ids = x if clean is None else torch.cat([x, clean], dim=1)
     eye = torch.eye(ids.shape[1], dtype=torch.bool, device=x.device)  # a padding query keeps itself: no empty row
     allowed = (allowed[None] & keys[:, None, :]) | eye[None]  # [b, w', w']
-    dtype = core.get_input_embeddings().weight.dtype
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill(~allowed, float("-inf"))
     pos = torch.arange(w, device=x.device)
     pos = (pos if clean is None else torch.cat([pos, pos]))[None].expand(b, -1)
-    out = core.model(input_ids=ids, attention_mask=additive[:, None], position_ids=pos, return_dict=False)
+    out = core.model(input_ids=ids, attention_mask=mask_argument(core, allowed), position_ids=pos, return_dict=False)
     return out[0][:, :w]
+
+
+def mask_argument(core, allowed: torch.Tensor):
+    """`allowed` [b, q, k] (True = attend) in the form the family's modeling code reads (`MASK_FORM`): additive
+    [b, 1, q, k] in the embedding dtype; or bool [b, 1, q, k] in eval and a flex-attention BlockMask in training."""
+    from dgtune.models.family import family_of
+
+    if MASK_FORM[family_of(core).name] == "additive":
+        dtype = core.get_input_embeddings().weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
+    if not core.training:
+        return allowed[:, None]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, q, k = allowed.shape
+    return create_block_mask(lambda bi, hi, qi, ki: allowed[bi, qi, ki], B=b, H=None, Q_LEN=q, KV_LEN=k,
+                             device=allowed.device)
 
 
 def decode_hidden(model, canvas: torch.Tensor, cache: PromptCache, self_conditioning_logits=None,

@@ -75,8 +75,7 @@ class SFT:
                              f"(trainer.batch_size={cfg.trainer.batch_size} x {world} processes)")
         obj = ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True))
         aux = (task, torch.tensor(task.aux_token_ids(tokenizer))) if obj.aux_weight > 0 else None
-        self.module = DenoisingLoss(model, obj, vocab_size(model), tokenizer.mask_token_id,
-                                    aux)
+        self.module = DenoisingLoss(model, obj, vocab_size(model), tokenizer.mask_token_id, aux, world)
 
     def describe(self) -> str:
         """What it trains on, for the start-up line."""

@@ -54,10 +54,11 @@ def test_loss_equals_llada_guidelines_transcription(llada):
     assert float(out["loss"]) > 0
 
 
-@pytest.mark.parametrize("steps", [1, 3, 5])
-def test_sampler_equals_llada_generate_transcription(llada, steps):
+@pytest.mark.parametrize("steps,block", [(1, 0), (3, 0), (5, 0), (3, 4), (6, 4), (4, 6)])
+def test_sampler_equals_llada_generate_transcription(llada, steps, block):
     """dgtune's sampler (`sampler=topk_confidence_mask`, temperature 1 so that its confidence is softmax(logits)'s)
-    draws LLaDA's own low-confidence remasking tokens, row by row, on the tiny LLaDA."""
+    draws LLaDA's own low-confidence remasking tokens, row by row, on the tiny LLaDA: one block, and LLaDA's
+    semi-autoregressive blocks (`sampler.block_length`: 3 blocks of 4 with 1 or 2 steps each, 2 blocks of 6 with 2)."""
     from dgtune.sampling.config import SamplerConfig
     from dgtune.sampling.sampler import sample
 
@@ -66,9 +67,13 @@ def test_sampler_equals_llada_generate_transcription(llada, steps):
     model.config.canvas_length = l
     prompts = torch.randint(7, 40, (3, 9), generator=torch.Generator().manual_seed(1))
     cfg = SamplerConfig(strategy="topk_confidence", noise="mask", commit="argmax", t_min=1.0, t_max=1.0,
-                        max_steps=steps, mask_token_id=tok.mask_token_id, self_conditioning=False)
+                        max_steps=steps, mask_token_id=tok.mask_token_id, self_conditioning=False, block_length=block)
     eos = -1  # no EOS stop: compare whole canvases
     ours = sample(model, prompts, cfg, torch.Generator().manual_seed(0), eos, tok.pad_token_id, l).tokens
     for i in range(prompts.shape[0]):
-        ref = llada_generate(model, prompts[i: i + 1], steps, l, tok.mask_token_id)
+        ref = llada_generate(model, prompts[i: i + 1], steps, l, tok.mask_token_id, block or None)
         assert torch.equal(ours[i: i + 1, :l], ref), (i, ours[i], ref)
+    if block:  # steps that do not split over the blocks: one clear error, as LLaDA's assert
+        with pytest.raises(ValueError, match="block_length.*split evenly"):
+            sample(model, prompts, SamplerConfig(**{**cfg.__dict__, "max_steps": steps + 1}),
+                   torch.Generator().manual_seed(0), eos, tok.pad_token_id, l)

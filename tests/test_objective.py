@@ -216,3 +216,60 @@ def test_mean_loo_self_conditions_on_the_converted_posterior(tiny):
     out = model(**kw, self_conditioning_logits=first, self_conditioning_mask=torch.ones(b, dtype=torch.bool))
     expected = F.cross_entropy(loo_to_denoiser_logits(out.logits, noisy, t).flatten(0, 1), clean.flatten())
     torch.testing.assert_close(ours["loss"].detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _four_rows(tok, canvas_length):
+    """Four rows with different prompt lengths (AR pairs) and a template on two (free positions 12, 12, 8, 4)."""
+    rows = [{"task": "t", "prompt": "sort:3141", "response": "1134"}, {"task": "t", "prompt": "rev:12345678", "response": "54321"},
+            {"task": "t", "prompt": "add:7+8", "response": "15"}, {"task": "t", "prompt": "x", "response": "9"}]
+    batch = collate_train(encode_rows(tok, rows, canvas_length), tok.pad_token_id)
+    keep = torch.zeros_like(batch["canvas"], dtype=torch.bool)
+    keep[2, :4], keep[3, :8] = True, True
+    batch["canvas_keep"] = keep
+    return batch
+
+
+@pytest.mark.parametrize("family,objective", [("dg", "released"), ("dg", "masked"), ("dg", "chunked"),
+                                              ("dream", "dream"), ("sdar", "sdar"), ("llada", "llada")])
+def test_process_slices_share_the_global_batch_loss(tiny, family, objective):
+    """`rows` (this process' slice of the global batch): with N processes each loss is N x its rows' share of the
+    global loss, so their mean (what DDP's gradient average takes) equals the loss of one process with the whole
+    batch, for every noise law, also when the slices hold different numbers of free positions, masked positions
+    and prompt tokens (a template on two rows, prompts of different lengths) - the flat, Dream and SDAR laws
+    normalise over the batch, the AR co-loss over its token pairs. Before, each process normalised by its own
+    counts. Slices of unequal sizes (rft's) hold too."""
+    from dgtune.config import compose
+
+    if family == "dg":
+        model, tok = tiny
+    elif family == "dream":
+        from dgtune.models.tiny_dream import build_tiny_dream
+
+        model, tok = build_tiny_dream(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    elif family == "sdar":
+        from dgtune.models.tiny_sdar import build_tiny_sdar
+
+        model, tok = build_tiny_sdar(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    else:
+        from dgtune.models.tiny_llada import build_tiny_llada
+
+        model, tok = build_tiny_llada(seed=0, d_model=32, n_layers=2, n_heads=4, mlp_hidden_size=64)
+    name = "released" if objective == "chunked" else objective
+    cfg = ObjectiveConfig(**{k: v for k, v in compose([f"objective={name}"]).objective.items()})
+    if objective == "chunked":
+        cfg.loss_chunk = 16
+    vocab = model.config.text_config.vocab_size if family == "dg" else model.config.vocab_size
+    batch = _four_rows(tok, 12)
+
+    def loss(rows=None, processes=1):
+        with torch.no_grad():
+            return denoising_loss(model, batch, cfg, torch.Generator().manual_seed(3), vocab, tok.mask_token_id,
+                                  rows=rows, processes=processes)["loss"]
+
+    whole = loss()
+    halves = (loss(slice(0, 2), 2) + loss(slice(2, 4), 2)) / 2
+    torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-6)
+    uneven = (loss(slice(0, 1), 2) + loss(slice(1, 4), 2)) / 2
+    torch.testing.assert_close(uneven, whole, rtol=1e-5, atol=1e-6)

@@ -448,10 +448,10 @@ def test_approved_rows_are_this_process_slice_of_every_process_approvals():
 
     tok = types.SimpleNamespace(pad_token_id=0)
     batch = _completions(tok, n=3)
-    sub, rows = approved_rows(batch, torch.tensor([True, False, True]), None, 0)
-    assert torch.equal(sub.canvas, batch.canvas[[0, 2]]) and rows == slice(0, 2)
-    sub, rows = approved_rows(batch, torch.tensor([False, False, False]), None, 0)
-    assert sub.canvas.shape[0] == 1 and rows is None
+    sub, rows, n = approved_rows(batch, torch.tensor([True, False, True]), None, 0)
+    assert torch.equal(sub.canvas, batch.canvas[[0, 2]]) and rows == slice(0, 2) and n == 2
+    sub, rows, n = approved_rows(batch, torch.tensor([False, False, False]), None, 0)
+    assert sub.canvas.shape[0] == 1 and rows is None and n == 0
 
 
 @pytest.mark.trains

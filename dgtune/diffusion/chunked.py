@@ -125,11 +125,11 @@ def chunked_canvas_loss(
 
 def chunked_ar_loss(
     hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, chunk: int, input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor, pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The encoder's AR co-loss (`objective.ar_co_loss`) from its final hidden states [b, s, d]."""
+    """The encoder's AR co-loss (`objective.ar_co_loss`, the same `pairs`) from its final hidden states [b, s, d]."""
     next_ids, valid = ar_targets(input_ids, attention_mask)  # [b, s-1], [b, s-1]
-    w = valid.float() / valid.sum().clamp(min=1)  # mean over valid pairs
+    w = valid.float() / (valid.sum() if pairs is None else pairs).clamp(min=1)  # the sum over valid pairs / pairs
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b (s-1), d]
     return linear_cross_entropy(h, weight, next_ids.flatten(), w.flatten(), cap, chunk)
 

@@ -18,6 +18,7 @@ from dgtune.diffusion.model_calls import (
 from dgtune.diffusion.objective import (
     ObjectiveConfig,
     ar_co_loss,
+    ar_targets,
     canvas_cross_entropy,
     corrupt_further,
     loo_to_denoiser_logits,
@@ -64,7 +65,7 @@ def pick_blocks(
 
 def denoising_loss(
     model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator, vocab_size: int, mask_token_id: int | None,
-    rows: slice | None = None, aux: tuple | None = None,
+    rows: slice | None = None, aux: tuple | None = None, processes: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch (with `prediction="mean_loo"` the self-conditioning pass's output is converted to the
     denoiser posterior before it conditions the graded pass, as when sampling). Random draws, in order: (answers of
@@ -77,7 +78,11 @@ def denoising_loss(
     how many of them each row's answer (+ EOS) covers; one block k is picked per row (`pick_blocks`) and the decoder
     denoises it seeing the cache up to its start (prompt + the k clean earlier blocks), positions continuing there.
     rows: this process' slice of a global batch: every draw is made for the whole batch, then sliced, so N processes
-    see exactly the draws of one process with the whole batch.
+    see exactly the draws of one process with the whole batch. The per-position weights (and the AR co-loss'
+    denominator) are those of the whole batch too, so the slice's loss is its share of the global loss, whatever its
+    rows' free, masked or prompt token counts (a law that normalises over the batch, as the flat, Dream and SDAR
+    laws do, would otherwise weigh each process' tokens by its own count); it is returned times `processes`, so
+    that the mean over the processes of their losses (DDP averages their gradients) is the global batch's loss.
     aux: (task, token ids [k]) with `cfg.aux_weight` > 0: add `cfg.aux_weight` x `task_aux_loss` (no random draws).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -111,11 +116,18 @@ def denoising_loss(
     if cfg.ar_weight == 0:
         s = int(ctx_len.max())
         input_ids, attention_mask = input_ids[:, :s], attention_mask[:, :s]
+    # The noise law's per-position weights and the AR co-loss' pair count, of the whole (global) batch
+    weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
+    token_weight = noise.token_weights(clean, corrupted, t, weight, cfg)  # [b, l]
+    ar_pairs = ar_targets(input_ids, attention_mask)[1].sum() if cfg.ar_weight > 0 and rows is not None else None
+    share = 1.0  # the slice's rows / the batch's (for the aux loss, a mean over its rows)
     if rows is not None:  # this process' rows of the global batch (draws above were made for all of them)
-        input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc = (
+        input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc, token_weight = (
             None if x is None else x[rows]
-            for x in (input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc)
+            for x in (input_ids, attention_mask, clean, ctx_len, keep, t, noisy, corrupted, sc_gate, sc_input, t_sc,
+                      token_weight)
         )
+        share = input_ids.shape[0] / b
         b = input_ids.shape[0]
     # With sliding-window layers the decoder's cache and masks are cut per row to what sampling sees.
     cache, enc_hidden = encode(model, input_ids, attention_mask, cache=training_cache(model))
@@ -150,19 +162,18 @@ def denoising_loss(
     )  # [b, l, d]
 
     # The head: the canvas cross-entropy with the noise kind's per-position weights, from full logits or chunked
-    weight = None if keep is None else (~keep).float()  # template positions are given, not predicted
-    token_weight = noise.token_weights(clean, corrupted, t, weight, cfg)  # [b, l]
     loo = cfg.prediction == "mean_loo"  # the decoder predicts the leave-one-out posterior
     if chunk:
         lm_weight, cap = lm_head_weight(model)
         diff = chunked_canvas_loss(hidden, lm_weight, cap, chunk, clean, noisy, t, token_weight, loo)
-        ar = chunked_ar_loss(enc_hidden, lm_weight, cap, chunk, input_ids, attention_mask) if cfg.ar_weight > 0 else None
+        ar = (chunked_ar_loss(enc_hidden, lm_weight, cap, chunk, input_ids, attention_mask, ar_pairs)
+              if cfg.ar_weight > 0 else None)
     else:
         logits = lm_logits(model, hidden)  # [b, l, v]
         if loo:
             logits = loo_to_denoiser_logits(logits, noisy, t)
         diff = canvas_cross_entropy(logits, clean, token_weight)
-        ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask) if cfg.ar_weight > 0 else None
+        ar = ar_co_loss(lm_logits(model, enc_hidden), input_ids, attention_mask, ar_pairs) if cfg.ar_weight > 0 else None
     loss = diff if ar is None else diff + cfg.ar_weight * ar
     out = {"diffusion_loss": diff.detach()}
     if ar is not None:
@@ -170,9 +181,11 @@ def denoising_loss(
     if cfg.aux_weight > 0:
         if aux is None:
             raise ValueError("objective.aux_weight > 0 needs a task with an auxiliary loss (aux_token_ids, aux_loss)")
-        aux_l = task_aux_loss(model, hidden, aux[0], aux[1], clean, keep)
+        aux_l = task_aux_loss(model, hidden, aux[0], aux[1], clean, keep) * share  # its share: a mean over rows
         loss = loss + cfg.aux_weight * aux_l
         out["aux_loss"] = aux_l.detach()
+    if rows is not None:  # the share of the global loss x the processes: their mean is the global loss
+        loss, out = loss * processes, {k: v * processes for k, v in out.items()}
     return {"loss": loss, **out}
 
 
@@ -184,14 +197,17 @@ class DenoisingLoss(torch.nn.Module):
     encoder and decoder of a wrapped model directly would bypass them. Sampling, eval and checkpoints use `.model`.
     """
 
-    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None, aux: tuple | None = None):
+    def __init__(self, model, cfg: ObjectiveConfig, vocab_size: int, mask_token_id: int | None, aux: tuple | None = None,
+                 processes: int = 1):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
         self.aux = aux  # (task, token ids [k]) for objective.aux_weight > 0
+        self.processes = processes  # the processes that share each global batch (`denoising_loss`)
 
     def forward(self, batch: dict, generator: torch.Generator, rows: slice | None = None) -> dict[str, torch.Tensor]:
         """The loss dict of `denoising_loss` for `rows` of the (global) batch."""
-        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows, self.aux)
+        return denoising_loss(self.model, batch, self.cfg, generator, self.vocab_size, self.mask_token_id, rows, self.aux,
+                              self.processes)

@@ -355,11 +355,17 @@ def ar_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[t
     return input_ids[:, 1:], valid
 
 
-def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of the causal encoder over all valid (token, next token) pairs.
+def ar_co_loss(encoder_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pairs: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of the causal encoder summed over all valid (token, next token) pairs / `pairs`
+    (default: their number here, the mean; a process' rows of a larger batch pass the batch's count).
 
     encoder_logits [b, s, v], input_ids [b, s], attention_mask [b, s].
     """
     next_ids, valid = ar_targets(input_ids, attention_mask)  # [b, s-1], [b, s-1]
     targets = torch.where(valid, next_ids, -100)
-    return F.cross_entropy(encoder_logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    logits = encoder_logits[:, :-1].flatten(0, 1)
+    if pairs is None:
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+    total = F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(pairs, device=total.device).clamp(min=1)

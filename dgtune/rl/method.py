@@ -81,7 +81,7 @@ class PolicyLoss(torch.nn.Module):
             sft = denoising_loss(self.model, self_training_batch(ro.batch, m.tokenizer.eos_token_id,
                                                                  m.tokenizer.pad_token_id),
                                  m.obj_cfg, torch.Generator(device=device).manual_seed(ro.noise_seed), m.vocab,
-                                 m.mask_id, rows=ro.loss_rows)
+                                 m.mask_id, rows=ro.loss_rows, processes=m.world)
             loss = sft["loss"]
             stats = {"diffusion_loss": sft["diffusion_loss"], "approved": torch.tensor(ro.scale, device=device)}
             if m.hindsight:
@@ -146,6 +146,7 @@ class RL:
             raise ConfigError(f"trainer.ckpt_every={cfg.trainer.ckpt_every} must be a multiple of method.mu={self.mu} "
                               "(checkpoints fall on rollout-block boundaries, so a resume redraws the same rollouts)")
         self.steps_per_block = self.mu
+        self.world = world
         self.prompts = splits["train"]
         self.global_batch = cfg.trainer.batch_size * world
         self.rewarder = Rewarder(task, OmegaConf.to_container(m.reward), m.get("reward_fn"))
@@ -300,7 +301,10 @@ class RL:
                                              ).to(device))
         loss_rows = None
         if self.rft:  # every process' approved rows, this process' slice of them (as SFT's rows of a global batch)
-            batch, loss_rows = approved_rows(batch, approve.to(device), rows, pad)
+            batch, loss_rows, approved = approved_rows(batch, approve.to(device), rows, pad)
+            # the loss of the slice is its share of the approved rows' loss (`denoising_loss`); scaled by the
+            # approved share of the step's rows, so that 0 approvals move nothing and N processes equal one
+            scale = approved / self.global_batch if bool(approve.any()) else 0.0
         else:
             batch = batch.rows(live.to(device))  # [b'] the rows the loss reads
         old = ref = var = None
@@ -350,13 +354,13 @@ def gather_rows(x: torch.Tensor, fill) -> torch.Tensor:
 
 
 def approved_rows(batch: Completions, approved: torch.Tensor, rows: slice | None,
-                  pad_id: int) -> tuple[Completions, slice | None]:
+                  pad_id: int) -> tuple[Completions, slice | None, int]:
     """rft's loss batch: the completions of every process that are `approved` ([b] bool), in global row order
     (gathered when `rows`, this process' slice of the global rows, is set), and the slice of them that are this
-    process' own. The denoising loss draws its noise for the whole approved batch and takes this slice, so N
-    processes see the draws of one process with all the rows (`dgtune.diffusion.loss.denoising_loss`'s `rows`).
-    A process with no approved row of its own gets one row of another's (its loss is scaled by 0); with none
-    approved anywhere, its first row (the same)."""
+    process' own, and the number approved in all. The denoising loss draws its noise for the whole approved batch
+    and takes this slice, so N processes see the draws of one process with all the rows
+    (`dgtune.diffusion.loss.denoising_loss`'s `rows`). A process with no approved row of its own gets one row of
+    another's (its loss is scaled by 0); with none approved anywhere, its first row (the same)."""
     lo, hi = (0, batch.canvas.shape[0]) if rows is None else (rows.start, rows.stop)
     if rows is not None:
         fills = {"input_ids": pad_id, "attention_mask": 0}
@@ -367,9 +371,9 @@ def approved_rows(batch: Completions, approved: torch.Tensor, rows: slice | None
         approved = gather_rows(approved, 0)
     ok = approved.nonzero().squeeze(1)  # [n] global indices of the approved rows
     if ok.numel() == 0:
-        return batch.rows(torch.arange(lo, lo + 1, device=ok.device)), None
+        return batch.rows(torch.arange(lo, lo + 1, device=ok.device)), None, 0
     start, end = int((ok < lo).sum()), int((ok < hi).sum())
     if start == end:  # none of this process' own: one row of another's, weight 0
         start = min(start, ok.numel() - 1)
         end = start + 1
-    return batch.rows(ok), slice(start, end)
+    return batch.rows(ok), slice(start, end), int(ok.numel())

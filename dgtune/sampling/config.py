@@ -49,8 +49,12 @@ class SamplerConfig:
     # feed each step's logits to the next (as generate()); from the objective: off for a model trained without it
     # (objective.self_cond_p=0), which never saw that signal in training
     self_conditioning: bool = True
-    # block-diffusion families (`dgtune.sampling.block`, LLaDA2's block refinement with `strategy=threshold`):
-    block_length: int = 0  # tokens per block (0: the model's block size)
+    # tokens per block. Block-diffusion families (`dgtune.sampling.block`, LLaDA2's block refinement with
+    # `strategy=threshold`): 0 = the model's block size. The others (committing strategies): > 0 = LLaDA's
+    # semi-autoregressive blocks, each with an equal share of the steps, commits only inside the current one
+    # (`dgtune.sampling.strategies.block_window`); 0 = one block
+    block_length: int = 0
+    # the block-diffusion families' block refinement:
     minimal_topk: int = 1  # commits per step at least (the steps per block are capped at answer length // this)
     editing_threshold: float = 0.0  # > 0: re-write committed tokens predicted otherwise above it (LLaDA2.1)
     max_post_steps: int = 16  # with editing: refinement steps after a block has no [MASK] left

@@ -156,6 +156,23 @@ def threshold(cfg, stats, free, steps_left, score_keys):
     return select_threshold(stats.max_prob, free, cfg.threshold)
 
 
+def block_window(free: torch.Tensor, steps_left: int, cfg) -> tuple[torch.Tensor, int]:
+    """LLaDA's semi-autoregressive blocks (`sampler.block_length` > 0 on a one-stack family; ML-GSAI/LLaDA
+    `generate.py`): the canvas is cut into blocks of `block_length`, each given an equal share of `max_steps`, and a
+    step commits only inside the current block (`generate.py` sets the confidence after it to -inf). Returns (the
+    free positions up to the current block's end [b, l], the steps left in the block)."""
+    l, block = free.shape[1], cfg.block_length
+    if l % block or cfg.max_steps % (l // block):
+        raise ValueError(f"sampler.block_length={block}: the canvas ({l} tokens) must hold whole blocks and the "
+                         f"steps ({cfg.max_steps}) must split evenly over its {l / block:g} blocks (as LLaDA's "
+                         "generate.py asserts)")
+    per_block = cfg.max_steps // (l // block)
+    step = cfg.max_steps - steps_left  # 0-based
+    end = (step // per_block + 1) * block
+    inside = torch.arange(l, device=free.device)[None, :] < end  # [1, l]
+    return free & inside, per_block - step % per_block
+
+
 def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, steps_left: int, keys: dict,
                   vocab_size: int, mask_id: int | None, guide=None):
     """One step of `cfg.strategy`. stats: StepStats with [b, l] fields; canvas / committed [b, l]; keys: position
@@ -167,6 +184,8 @@ def strategy_step(cfg, stats, canvas: torch.Tensor, committed: torch.Tensor, ste
     strategy = STRATEGIES[cfg.strategy]
     noise = noise_tokens(keys["renoise"], canvas.shape, vocab_size, mask_id)
     free = ~committed
+    if strategy.commits and cfg.block_length:  # semi-autoregressive: commit inside the current block only
+        free, steps_left = block_window(free, steps_left, cfg)
     if not strategy.commits:
         accepted = strategy.select(cfg, stats, free, steps_left, keys.get("score"))
         if guide is not None:

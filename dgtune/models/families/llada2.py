@@ -1,4 +1,4 @@
-"""Block diffusion (inclusionAI/LLaDA2.0-mini and its kin; SDAR's profile): the family profiles and their model calls.
+"""Block diffusion (inclusionAI/LLaDA2.0-mini and its kin; JetAstra/SDAR): the family profiles and their model calls.
 
 A block-diffusion model is one Transformer over the whole sequence whose attention is block-causal: the sequence is
 cut into blocks of `block_size` tokens at absolute positions from 0 (so the prompt's tail shares a block with the
@@ -11,13 +11,15 @@ loss passes the clean canvas (`clean_canvas`) and the plain block-causal one whe
 
 Facts (cite what the code uses):
 - names and sizes: `dgtune/models/tiny_llada2.py` (LLaDA2.0-mini's module names; the checkpoint's [MASK] is 156,895,
-  its EOS 156,892: `generate()`'s defaults);
+  its EOS 156,892: `generate()`'s defaults); `dgtune/models/tiny_sdar.py` (SDAR-4B-Chat's, Qwen3's names);
 - LoRA: the fused q/k/v `attention.query_key_value`, `attention.dense`, the dense first layer's SwiGLU MLP and the
   shared expert; the router `mlp.gate` (whose name is a prefix of `mlp.gate_proj`'s) and the 256 routed experts stay
   frozen, as unsloth's LLaDA2 profile does; anchored at `model.layers.N.` so that `lm_head` is never adapted;
 - block size: the model config's `block_size` if it has one, else 32 (dFactory `configs/sft/llada2_mini_bd_sft.yaml`
   and LLaDA2's `generate(block_length=32)`); SDAR's is 4 (its model card);
-- noise and loss: `objective.kind=llada2` (`dgtune.diffusion.objective`).
+- noise and loss: `objective.kind=llada2` and `objective.kind=sdar` (`dgtune.diffusion.objective`);
+- the attention mask each modeling file reads (`MASK_FORM`): LLaDA2's additive, SDAR's bool in eval and a
+  flex-attention BlockMask in training (`mask_argument`).
 The real checkpoints load only with `model.trust_remote_code=true` (their class is not in transformers).
 """
 

@@ -195,3 +195,37 @@ def test_block_sampler_keeps_a_canvas_template(llada2):
             w.copy_(saved)
     assert (out[:, ::3] == 20).all()
     assert not (out == tok.mask_token_id).any()
+
+
+def test_block_sampler_trace_replays_to_its_own_draws(llada2, monkeypatch):
+    """`trace=` on the block sampler (`commit=sample`, temperature 0.7, prompts ending inside a block, early EOS):
+    replayed whole by RL's `trajectory` estimator, every kept draw scores the log-probability the sampler drew it
+    with (under block-causal attention a block's logits ignore the blocks after it), and a row's kept draws are
+    exactly its written answer tokens."""
+    from dgtune.rl.likelihood import Completions, Trace, trajectory
+    from dgtune.sampling import block as block_sampler
+
+    model, tok = llada2
+    seen = []
+    candidates = block_sampler.candidates
+    monkeypatch.setattr(block_sampler, "candidates",
+                        lambda *a: seen.append(candidates(*a)) or seen[-1])
+    prompts = torch.randint(7, 40, (4, 9), generator=torch.Generator().manual_seed(3))
+    cfg = SamplerConfig(strategy="threshold", noise="mask", commit="sample", t_max=0.7, t_min=0.7, threshold=0.6,
+                        max_steps=3, mask_token_id=tok.mask_token_id, self_conditioning=False)
+    steps = []
+    out = sample(model, prompts, cfg, torch.Generator().manual_seed(1), tok.eos_token_id, tok.pad_token_id, 10,
+                 trace=steps)
+    assert len(steps) == len(seen) > 3
+    trace = Trace.from_steps([(torch.arange(4), steps)], 4, 10, cfg, None)
+    batch = Completions(prompts, torch.ones_like(prompts), torch.full((4,), 9), out.tokens, None, torch.arange(4), trace)
+    with torch.no_grad():
+        logp = trajectory(model, batch, None, model.config.vocab_size, tok.mask_token_id).view(4, len(steps), 10)
+    kept = trace.drawn.transpose(0, 1)  # [b, k, l]
+    assert int(kept.sum()) > 0
+    for j, (_, prob) in enumerate(seen):  # prob [b, block]: answer column c sits at block offset (9 + c) % BLOCK
+        rows, cols = kept[:, j].nonzero(as_tuple=True)
+        torch.testing.assert_close(logp[rows, j, cols], prob[rows, (cols + 9) % BLOCK].float().log(),
+                                   rtol=1e-4, atol=1e-4)
+    answer = out.tokens != tok.pad_token_id
+    assert torch.equal(kept.any(1) | ~answer, torch.ones_like(answer))  # every answer token was a kept draw

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from dgtune.data import batch_indices, prompt_ids, row_prompt
 from dgtune.diffusion.loss import denoising_loss
-from dgtune.diffusion.model_calls import vocab_size
+from dgtune.diffusion.model_calls import block_diffusion, vocab_size
 from dgtune.diffusion.objective import ObjectiveConfig
 from dgtune.errors import ConfigError
 from dgtune.eval.runner import group_by_prompt_length
@@ -297,7 +297,8 @@ class RL:
                             canvas.to(device), None if template is None else (template >= 0).to(device),
                             seeds.to(device), None if parts is None else
                             Trace.from_steps(parts, len(mine), task.canvas_length, self.sampler,
-                                             self.sampler.mask_token_id if self.sampler.noise == "mask" else None
+                                             self.sampler.mask_token_id if self.sampler.noise == "mask"
+                                             and not block_diffusion(self.model) else None  # it draws [MASK] too
                                              ).to(device))
         loss_rows = None
         if self.rft:  # every process' approved rows, this process' slice of them (as SFT's rows of a global batch)

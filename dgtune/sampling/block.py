@@ -28,7 +28,7 @@ import torch
 
 from dgtune.diffusion.model_calls import family_calls, lm_logits
 from dgtune.sampling.config import SampleResult, SamplerConfig, pad_after_eos
-from dgtune.sampling.fast import resolve_mask_id
+from dgtune.sampling.fast import TraceStep, resolve_mask_id
 
 
 def transfer_counts(block_length: int, steps: int) -> torch.Tensor:
@@ -83,16 +83,39 @@ def eos_finished(x: torch.Tensor, drawn: torch.Tensor, written: torch.Tensor, fi
     return finished
 
 
+def block_trace_step(x: torch.Tensor, drawn: torch.Tensor, written: torch.Tensor, start: int, p: int, gen: int,
+                     cfg: SamplerConfig) -> TraceStep:
+    """The `TraceStep` of one pass over the block at `start` (before its write): the answer x[:, p: p + gen] as the
+    input canvas, the block's drawn tokens in its answer columns, kept where written with `commit=sample`."""
+    b, block = drawn.shape
+    canvas = x[:, p: p + gen].clone()  # [b, gen]
+    lo, hi = max(start, p), min(start + block, p + gen)  # the block's answer columns (absolute)
+    tokens = canvas.clone()
+    tokens[:, lo - p: hi - p] = drawn[:, lo - start: hi - start]
+    kept = torch.zeros_like(canvas, dtype=torch.bool)
+    if cfg.commit == "sample":
+        kept[:, lo - p: hi - p] = written[:, lo - start: hi - start]
+    return TraceStep(torch.arange(b, device=x.device), canvas, tokens, kept,
+                     cfg.t_max if cfg.commit == "sample" else 1.0, None)
+
+
 @torch.no_grad()
 def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None, eos_id: int,
-                  pad_id: int, canvas_length: int, template: torch.Tensor | None = None) -> SampleResult:
+                  pad_id: int, canvas_length: int, template: torch.Tensor | None = None,
+                  trace: list | None = None) -> SampleResult:
     """Sample answers of `canvas_length` x `max_canvases` tokens for equal-length prompts [b, p] (module docstring).
-    `template` [b, l] (known answer tokens, -1 = free): written before the first step, never [MASK], never edited."""
+    `template` [b, l] (known answer tokens, -1 = free): written before the first step, never [MASK], never edited.
+    `trace` (a list, one canvas) receives each forward pass's `TraceStep` over the answer: its input, the tokens
+    drawn for the current block, and with `commit=sample` the draws written (committed or edited) as kept. Under
+    block-causal attention a block's logits do not depend on the blocks after it, so the answer's input canvas
+    replayed whole (`dgtune.rl.likelihood.trajectory`) gives the step's logits."""
     if cfg.strategy != "threshold":
         raise ValueError(f"a block-diffusion model samples with sampler.strategy=threshold (LLaDA2's block refinement: "
                          f"`sampler=block_refine`), not {cfg.strategy!r}")
     if cfg.noise != "mask":
         raise ValueError("a block-diffusion model samples from [MASK]: sampler.noise=mask (`sampler=block_refine`)")
+    if trace is not None and cfg.max_canvases != 1:
+        raise ValueError("a sampler trace covers one canvas: set sampler.max_canvases=1")
     calls = family_calls(model)
     mask_id = resolve_mask_id(model, cfg)
     block = cfg.block_length or calls.block_size(model)
@@ -135,6 +158,8 @@ def sample_blocks(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator
                 editable = ~active & ~fixed[:, start:end]
                 edit = editable & (prob.float() > cfg.editing_threshold) & (drawn != current)
             written = (write | edit) & ~finished[:, None] if cfg.eos_early_stop else write | edit
+            if trace is not None:
+                trace.append(block_trace_step(x, drawn, written, start, p, gen, cfg))
             x[:, start:end] = torch.where(written, drawn, current)
             if cfg.eos_early_stop:
                 finished = eos_finished(x[:, :end], drawn, written, finished, eos_id, mask_id, p)

@@ -44,17 +44,17 @@ def sample(model, prompt_ids: torch.Tensor, cfg: SamplerConfig, generator: torch
     `template` [b, l] (known canvas tokens, -1 = free), `guide` (a rule checker, `dgtune.sampling.guide`) and
     `trace` (a list that receives each step's `TraceStep`, one canvas) and `branch` (step, seeds [b]: tree
     rollouts, see `sample_fast`) run on the fast path. A block-diffusion model (`ModelFamily.block_diffusion`)
-    samples with its block sampler (`block.py`); with `commit=sample` its draws come from `generator` (or one
-    seeded from the first row seed)."""
+    samples with its block sampler (`block.py`, templates and traces too); with `commit=sample` its draws come from
+    `generator` (or one seeded from the first row seed)."""
     if block_diffusion(model):
-        if guide is not None or trace is not None or branch is not None:
-            raise ValueError("a block-diffusion model's sampler (dgtune.sampling.block) takes no guide, trace or "
-                             "branch: GRPO's trajectory estimates, tree rollouts and rule guides are not built for it")
+        if guide is not None or branch is not None:
+            raise ValueError("a block-diffusion model's sampler (dgtune.sampling.block) takes no guide or branch: "
+                             "tree rollouts and rule guides are not built for it")
         if generator is None:
             seed = 0 if row_seeds is None else int(row_seeds[0])
             generator = torch.Generator(prompt_ids.device).manual_seed(seed)
         return sample_blocks(model, prompt_ids, cfg, generator, eos_id, pad_id,
-                             canvas_length or unwrap(model).config.canvas_length, template)
+                             canvas_length or unwrap(model).config.canvas_length, template, trace)
     if (not uses_reference(cfg) or template is not None or guide is not None or trace is not None
             or branch is not None):
         return sample_fast(model, prompt_ids, cfg, generator, eos_id, pad_id, canvas_length, row_seeds, template, guide,

@@ -40,6 +40,7 @@ DREAM = register_family(ModelFamily(
     remote_code=True,  # DreamModel is not a transformers class: its modeling file ships with the checkpoint
     mask_token_id=151666,  # configuration_dream.py: mask_token_id 151,666
     calls=__name__,
+    shard_units=("DreamDecoderLayer",),  # FSDP2 units (modeling_dream.py `_no_split_modules`)
 ))
 
 

@@ -39,6 +39,9 @@ LLADA = register_family(ModelFamily(
     remote_code=True,  # LLaDAModelLM is not a transformers class: its modeling file ships with the checkpoint
     mask_token_id=126336,  # GUIDELINES.md: mask id 126,336
     calls=__name__,
+    # FSDP2 units: the real checkpoint's layers (modeling_llada.py, block_type "llama": LLaDALlamaBlock, its
+    # `_no_split_modules`) and the tiny model's (LLaDABlock, their base class)
+    shard_units=("LLaDALlamaBlock", "LLaDABlock"),
 ))
 
 

@@ -52,6 +52,7 @@ LLADA2 = register_family(ModelFamily(
     block_diffusion=True,
     mask_token_id=156895,  # LLaDA2's generate(mask_id=156895)
     calls=__name__,
+    shard_units=("LLaDA2MoeDecoderLayer",),  # FSDP2 units (modeling_llada2_moe.py `_no_split_modules`)
 ))
 
 SDAR = register_family(ModelFamily(  # JetAstra/SDAR: Qwen3's names, block-causal attention, block 4
@@ -65,6 +66,7 @@ SDAR = register_family(ModelFamily(  # JetAstra/SDAR: Qwen3's names, block-causa
     block_diffusion=True,
     mask_token_id=151669,  # SDAR's <|MASK|> (as unsloth's SDAR profile records it)
     calls=__name__,
+    shard_units=("SDARDecoderLayer",),  # FSDP2 units (modeling_sdar.py `_no_split_modules`)
 ))
 
 DEFAULT_BLOCK = {"llada2": 32, "sdar": 4}

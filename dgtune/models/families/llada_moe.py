@@ -43,6 +43,7 @@ LLADA_MOE = register_family(ModelFamily(
     remote_code=True,
     mask_token_id=156895,  # the model card's generate(mask_id=156895)
     calls=__name__,
+    shard_units=("LLaDAMoEDecoderLayer",),  # FSDP2 units (modeling_lladamoe.py `_no_split_modules`)
 ))
 
 

@@ -6,8 +6,10 @@ with the method's own supervised objective, here the denoising loss of SFT (`dgt
 law, self-conditioning and AR co-loss). It needs no likelihood estimate (the loss is the ELBO-style bound the model
 was trained with) and no reference answers: only what the verifier approves.
 
-The loss is the mean over all b rollout rows with the rejected rows' terms 0 (`Rollouts.scale` = kept / b, as for
-the flat groups of GRPO): a step where the policy solves little moves the weights little. Unlike GRPO it also
+The loss is the mean over all the step's rollout rows with the rejected rows' terms 0 (`Rollouts.scale` = approved
+rows / rows, over every process): a step where the policy solves little moves the weights little. With
+`method.hindsight` a missed completion that `task.relabel` calls an answer to another row is approved too, trained
+under that row's prompt. Unlike GRPO it also
 trains on groups that are all solved (no advantage, but confidence, which the entropy-bound sampler turns into
 more tokens committed per step). Its noise draws are seeded by (seed, block) and made for the approved rows of
 every process (gathered, `dgtune.rl.method.approved_rows`), each process training its own slice of them: a resumed

@@ -101,10 +101,11 @@ def _tiny(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_of_the_built_families(family):
-    """`trainer.gradient_checkpointing` on the tiny model (LoRA): every layer of the stack is replayed in backward
-    (a module inside the first layer runs twice per graded pass), and the loss and every gradient equal those
-    without checkpointing."""
+def test_gradient_checkpointing_and_chunked_loss_of_the_built_families(family):
+    """On the tiny model (LoRA), with the family's own objective: the chunked head (`objective.loss_chunk`, no
+    [b, l, v] logits) gives the loss and every gradient of full logits; `trainer.gradient_checkpointing` replays
+    every layer of the stack in backward (a module inside the first layer runs twice per graded pass), and the loss
+    and every gradient equal those without checkpointing."""
     from dgtune.models.checkpointing import enable_gradient_checkpointing
     from dgtune.train import apply_lora
 
@@ -128,6 +129,13 @@ def test_gradient_checkpointing_of_the_built_families(family):
 
     model.train()
     plain_loss, plain = loss_and_grads()
+    cfg.loss_chunk = 4  # the chunked head: cross-entropies from hidden states, 4 tokens at a time
+    chunk_loss, chunked = loss_and_grads()
+    cfg.loss_chunk = 0
+    torch.testing.assert_close(chunk_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert chunked.keys() == plain.keys()
+    for n in plain:
+        torch.testing.assert_close(chunked[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
     enable_gradient_checkpointing(model)
     calls = []
     first(model).register_forward_hook(lambda *_: calls.append(1))

@@ -184,6 +184,22 @@ def test_countdown_reads_d1s_jsonl_test_file(tmp_path):
         task.load_test_file(str(bad))
 
 
+def test_countdown_numbers_with_leading_zeros_are_not_legal():
+    """A number written with a leading zero ("04", "0057") is malformed, as in d1's checker (Python's eval: a syntax
+    error), so it neither solves nor counts as legal, nor is relabelled; 0 alone and numbers with zeros inside are
+    numbers. (Before, "04+15-15" solved a target of 4 with 4, 15, 15.)"""
+    assert cd_verify([4, 15, 15], 4, "04+15-15", require_all=True) == {"solved": 0.0, "cell_acc": 0.0, "parse_fail": 1.0}
+    assert cd_verify([57, 7, 4], 68, "0057+7+4", require_all=True)["parse_fail"] == 1.0
+    assert cd_verify([4, 15, 15], 4, "4+15-15", require_all=True)["solved"] == 1.0
+    assert cd_verify([100, 10, 1], 109, "100+10-1", require_all=True)["solved"] == 1.0
+    assert parse_expression("0+5")[0] == 5
+    with pytest.raises(CountdownError, match="leading zero"):
+        parse_expression("3*(01+2)")
+    task = CountdownTask({"cd3": {"count": 3, "max_num": 100, "min_target": 1, "max_target": 100}}, require_all=True)
+    row = {**task.row_from_prompt("countdown:50;30,12,8"), "bucket": "cd3"}
+    assert task.relabel(row, "030+12-8") is None and task.relabel(row, "30+12-8") is not None
+
+
 def test_countdown_relabel_makes_a_legal_miss_the_answer_to_its_own_value():
     """Hindsight: a legal expression that misses the target answers the puzzle whose target is its value (same
     numbers, level and graded solved there); an illegal, fractional, out-of-range or number-valued one answers none."""

@@ -47,7 +47,8 @@ class CountdownError(ValueError):
 
 def parse_expression(text: str) -> tuple[Fraction, list[int]]:
     """(value, numbers used) of an expression over integers with + - * : and parentheses (spaces ignored).
-    Raises CountdownError if it is malformed or divides by zero."""
+    Raises CountdownError if it is malformed, writes a number with a leading zero ("04": d1's checker evaluates the
+    expression with Python, where that is a syntax error) or divides by zero."""
     s = text.replace(" ", "")
     pos = 0
 
@@ -61,6 +62,8 @@ def parse_expression(text: str) -> tuple[Fraction, list[int]]:
             pos += 1
         if start == pos:
             raise CountdownError(f"expected a number or '(' at position {start} of {text!r}")
+        if s[start] == "0" and pos - start > 1:  # "04" is not how the numbers are written (Python, d1's checker)
+            raise CountdownError(f"number {s[start:pos]!r} with a leading zero at position {start} of {text!r}")
         v = int(s[start:pos])
         return Fraction(v), [v]
 

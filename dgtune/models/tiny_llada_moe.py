@@ -123,14 +123,17 @@ class LLaDAMoEDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LLaDAMoEModel(nn.Module):
-    """`model`: embedding, layers, final norm; `forward` returns (final-normed hidden states [b, s, d],) as the real
-    `LLaDAMoEModel` does with `return_dict=False`."""
+class DecoderStack(nn.Module):
+    """`model` with the Llama / Qwen names: `embed_tokens`, `layers` (each a `layer_class(cfg)`, called as
+    `layer(x, positions, attention_mask)` with the mask as given), `norm`; `forward` returns (final-normed hidden
+    states [b, s, d],) as the real models do with `return_dict=False`. A family's stack sets `layer_class`."""
 
-    def __init__(self, cfg: TinyLLaDAMoEConfig):
+    layer_class: type = nn.Module
+
+    def __init__(self, cfg):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
@@ -140,6 +143,12 @@ class LLaDAMoEModel(nn.Module):
         for layer in self.layers:
             x = layer(x, position_ids, attention_mask)
         return (self.norm(x),)
+
+
+class LLaDAMoEModel(DecoderStack):
+    """`model` of the tiny LLaDA-MoE."""
+
+    layer_class = LLaDAMoEDecoderLayer
 
 
 class LLaDAMoEModelLM(TinyLMHeadModel):

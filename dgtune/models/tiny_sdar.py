@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 from dgtune.models.tiny_llada import RMSNorm, build_with_char_tokenizer, rotate
 from dgtune.models.tiny_llada2 import LLaDA2MoeMLP as SwiGLU  # the same SwiGLU names (gate/up/down_proj)
 from dgtune.models.tiny_llada2 import TinyLMHeadModel
+from dgtune.models.tiny_llada_moe import DecoderStack
 
 # SDAR-4B-Chat weight names (layer 0 of 36, and the rest), from `training/model/SDAR-4B-Chat/model.safetensors.index.json`
 # of JetAstra/SDAR: the test data of the family's LoRA pattern
@@ -126,22 +127,10 @@ class SDARDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class SDARModel(nn.Module):
-    """`model`: embedding, layers, final norm; `forward` returns (final-normed hidden states [b, s, d],)."""
+class SDARModel(DecoderStack):
+    """`model` of the tiny SDAR (the mask reaches each attention as given, read there by the module's mode)."""
 
-    def __init__(self, cfg: TinySDARConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(SDARDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, position_ids, attention_mask)
-        return (self.norm(x),)
+    layer_class = SDARDecoderLayer
 
 
 class SDARForCausalLM(TinyLMHeadModel):

@@ -207,6 +207,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     module, tok = build()
+    module.processes = world  # each rank's loss: world x its rows' share of the batch loss (as SFT's method sets it)
     sharded = Sharded(module, family_of(module.model).shard_units, rank == 0, "cpu")
     rows = slice(rank * 2, rank * 2 + 2)
     module(batch(tok), torch.Generator().manual_seed(3), rows)["loss"].backward()
@@ -220,8 +221,8 @@ if __name__ == "__main__":
 def test_fsdp2_gradients_equal_one_process_on_the_shaped_model(tmp_path):
     """The check behind the run-level comparison: on the 26B-shaped model with LoRA on attention, MLP and the
     experts, the chunked loss and checkpointing, the gradient of a global batch split over 2 FSDP2 processes equals
-    the 1-process gradient of the whole batch, every tensor to 1e-4 in relative norm (each process computes the mean
-    over its rows; FSDP2 averages over processes). Adam then turns rounding-level differences of near-zero elements
+    the 1-process gradient of the whole batch, every tensor to 1e-4 in relative norm (each process computes 2 x its
+    rows' share of the batch loss; FSDP2 averages over processes). Adam then turns rounding-level differences of near-zero elements
     into lr-sized ones, which is why the trained adapters are compared on the tiny model only."""
     import os
     import subprocess

@@ -198,6 +198,28 @@ class LLaDA2MoeModel(nn.Module):
         return (self.norm(x),)
 
 
+class DecoderStack(nn.Module):
+    """`model` with the Llama / Qwen names: `embed_tokens`, `layers` (each a `layer_class(cfg)`, called as
+    `layer(x, positions, attention_mask)` with the mask as given), `norm`; `forward` returns (final-normed hidden
+    states [b, s, d],) as the real models do with `return_dict=False`. A family's stack sets `layer_class`."""
+
+    layer_class: type = nn.Module
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(self.layer_class(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, position_ids, attention_mask)
+        return (self.norm(x),)
+
+
 class TinyLMHeadModel(PreTrainedModel):
     """A tiny model built in code: `model` (the family's stack, `stack_class`, returning (final hidden states,)) and an
     untied head `lm_head`; `forward(input_ids, attention_mask, position_ids)` -> output with `.logits` [b, s, v], the

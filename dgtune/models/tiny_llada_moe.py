@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from dgtune.models.tiny_llada import RMSNorm, build_with_char_tokenizer, rotate
 from dgtune.models.tiny_llada2 import LLaDA2MoeMLP as ExpertMLP  # the same SwiGLU names (gate/up/down_proj)
-from dgtune.models.tiny_llada2 import TinyLMHeadModel
+from dgtune.models.tiny_llada2 import DecoderStack, TinyLMHeadModel
 
 # LLaDA-MoE-7B-A1B weight names (one layer shown; experts 0..63), read from the module definitions of
 # `modeling_lladamoe.py` (dllm's copy): the test data of the family's LoRA pattern
@@ -121,28 +121,6 @@ class LLaDAMoEDecoderLayer(nn.Module):
     def forward(self, x, positions, mask):
         x = x + self.self_attn(self.input_layernorm(x), positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DecoderStack(nn.Module):
-    """`model` with the Llama / Qwen names: `embed_tokens`, `layers` (each a `layer_class(cfg)`, called as
-    `layer(x, positions, attention_mask)` with the mask as given), `norm`; `forward` returns (final-normed hidden
-    states [b, s, d],) as the real models do with `return_dict=False`. A family's stack sets `layer_class`."""
-
-    layer_class: type = nn.Module
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(self.layer_class(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, position_ids, attention_mask)
-        return (self.norm(x),)
 
 
 class LLaDAMoEModel(DecoderStack):

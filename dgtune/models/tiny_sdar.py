@@ -27,8 +27,7 @@ from transformers import PretrainedConfig
 
 from dgtune.models.tiny_llada import RMSNorm, build_with_char_tokenizer, rotate
 from dgtune.models.tiny_llada2 import LLaDA2MoeMLP as SwiGLU  # the same SwiGLU names (gate/up/down_proj)
-from dgtune.models.tiny_llada2 import TinyLMHeadModel
-from dgtune.models.tiny_llada_moe import DecoderStack
+from dgtune.models.tiny_llada2 import DecoderStack, TinyLMHeadModel
 
 # SDAR-4B-Chat weight names (layer 0 of 36, and the rest), from `training/model/SDAR-4B-Chat/model.safetensors.index.json`
 # of JetAstra/SDAR: the test data of the family's LoRA pattern
